@@ -1,0 +1,45 @@
+# sela: `make run` (set up + run the main job on the embedded default), `make test` (set up + run the tests).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PORT ?= 4200
+export PREFECT_HOME := $(CURDIR)/.prefect
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DO_NOT_TRACK := 1
+export DVC_NO_ANALYTICS := 1
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 90
+export PREFECT_API_URL := http://127.0.0.1:$(PORT)/api
+
+.PHONY: run test setup server serve stop repro lint
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements.txt
+	touch $@
+
+server: setup
+	@scripts/prefect-server.sh start $(PORT)
+
+serve: server
+	@scripts/prefect-serve.sh
+
+run: serve
+	$(BIN)/prefect deployment run sela/full --watch
+	@$(BIN)/python -m flows.summary
+
+stop:
+	@scripts/prefect-serve.sh stop; scripts/prefect-server.sh stop $(PORT)
+
+repro: setup
+	source $(BIN)/activate && dvc repro
+
+lint: setup
+	$(BIN)/ruff check .
+
+test: setup
+	$(BIN)/ruff check .
+	unset PREFECT_API_URL; $(BIN)/python -m pytest -q tests

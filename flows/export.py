@@ -1,0 +1,19 @@
+"""Stage ``export``: checkpoint -> label set, card and metrics. ``python -m flows.export``."""
+
+from typing import Any
+
+from prefect import flow
+
+from flows.common import resolve
+from tasks.export import export_labels
+
+
+@flow(name="export")
+def export_flow(root: str = ".", overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Final balanced labels of every head, written for data teams."""
+    root, params = resolve(root, overrides)
+    return export_labels(root, params)
+
+
+if __name__ == "__main__":
+    export_flow()

@@ -1,0 +1,33 @@
+"""Flow ``sela`` (deployment ``sela/full``): shard -> train -> export -> version, the whole pipeline."""
+
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from flows.common import resolve
+from flows.export import export_flow
+from flows.shard import shard_flow
+from flows.train import train_flow
+from tasks.version import publish
+
+
+@flow(name="sela")
+def sela(root: str = ".", overrides: dict[str, Any] | None = None, publish_version: bool = True) -> dict[str, Any]:
+    """Unlabelled images in, a versioned label set out. ``overrides``: dotted keys, e.g. {"train.epochs": 5}."""
+    root, params = resolve(root, overrides)  # fail fast, before any work, on a bad parameter
+    logger = get_run_logger()
+    data = shard_flow(root, overrides)
+    logger.info("shards: %s", data)
+    training = train_flow(root, overrides)
+    metrics = export_flow(root, overrides)
+    quality = ", ".join(f"{name} {metrics[name]:.3f}" for name in ("nmi", "acc", "ari") if name in metrics)
+    result = {"data": data, "training": training, "metrics": {k: v for k, v in metrics.items() if k != "cluster_sizes"}}
+    if publish_version:
+        summary = f"{data['num_images']} images, {params.train.num_clusters} clusters" + (f", {quality}" if quality else "")
+        result["version"] = publish(root, params.version.tag_prefix, summary)
+        logger.info("published %s", result["version"])
+    return result
+
+
+if __name__ == "__main__":
+    sela()

@@ -1,0 +1,27 @@
+"""Print what the last run produced: where the label set is, its version tag, its quality, where the UI is."""
+
+import json
+import os
+from pathlib import Path
+
+from tasks.paths import CARD, LABELS, METRICS
+from tasks.versioning import latest_version
+
+
+def main(root: Path = Path(".")) -> None:
+    root = root.resolve()
+    params_prefix = json.loads((root / CARD).read_text())["params"]["version"]["tag_prefix"]
+    metrics = json.loads((root / METRICS).read_text())
+    tag = latest_version(root, params_prefix)
+    print(f"label set : {root / LABELS}")
+    print(f"card      : {root / CARD}")
+    print(f"version   : {tag or 'not published'}")
+    print("quality   : " + ", ".join(f"{name} {value:.4f}" for name, value in sorted(metrics.items())))
+    if tag:
+        print(f"pull it   : dvc get {root} {LABELS} --rev {tag} -o labels.parquet")
+    ui = os.environ.get("PREFECT_API_URL", "http://127.0.0.1:4200/api").removesuffix("/api")
+    print(f"Prefect UI: {ui} (flow runs, task runs per epoch and relabel, artifacts)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""Stage ``train``: self-labelling epochs with scheduled Sinkhorn relabels. ``python -m flows.train``."""
+
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+from flows.common import resolve
+from sela.train import relabel_epochs
+from tasks.train import relabel, start_training, train_epoch
+
+
+@flow(name="train")
+def train_flow(root: str = ".", overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Random network -> relabel (on schedule) / epoch, ... -> ``models/checkpoint.pt``."""
+    root, params = resolve(root, overrides)
+    settings, logger = params.train, get_run_logger()
+    logger.info("start: %s", start_training(root, settings))
+    schedule = set(relabel_epochs(settings.epochs, settings.num_relabels, settings.relabel_power))
+    progress = create_progress_artifact(0.0, key="training-progress", description="epochs done (%)")
+    summary: dict[str, Any] = {}
+    for epoch in range(settings.epochs):
+        if epoch in schedule:
+            diagnostics = relabel.with_options(task_run_name=f"relabel-before-epoch-{epoch}")(root, settings)
+            logger.info("relabel before epoch %d: %s", epoch, diagnostics["heads"][0])
+        summary = train_epoch.with_options(task_run_name=f"epoch-{epoch}")(root, settings)
+        logger.info("epoch %d/%d: loss %.4f accuracy %.3f", epoch + 1, settings.epochs, summary["loss"], summary["accuracy"])
+        update_progress_artifact(progress, 100.0 * (epoch + 1) / settings.epochs)
+    return {**summary, "relabels": len(schedule)}
+
+
+if __name__ == "__main__":
+    train_flow()

@@ -1,0 +1,150 @@
+"""Typed view of ``params.yaml``: one section per pipeline stage, unknown keys rejected by name.
+
+``params.yaml`` is the only place values are set: these models carry types and bounds, not defaults, so a
+missing key is an error too. Machine settings (device, loader workers) are not parameters: see ``sela.device``.
+"""
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
+
+
+
+class Section(BaseModel):
+    """Base for every section: unknown keys are errors, values are immutable once validated."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ShardParams(Section):
+    """Stage ``shard``: where images come from and how they are packed into WebDataset shards."""
+
+    source: str = Field(description="'digits' (embedded default), a folder of images, or a .tar/.tar.gz of images")
+    image_size: PositiveInt = Field(description="side of the square RGB image the embedded digits are rendered at")
+    samples_per_shard: PositiveInt
+
+
+class AugmentParams(Section):
+    """The paper's augmentations, applied to every training batch (and to the relabel pass if enabled)."""
+
+    crop_scale_min: float = Field(gt=0, le=1)
+    crop_scale_max: float = Field(gt=0, le=1)
+    grayscale_probability: float = Field(ge=0, le=1)
+    color_jitter: float = Field(ge=0, le=1)
+    flip_probability: float = Field(ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _ordered_scales(self) -> "AugmentParams":
+        if self.crop_scale_min > self.crop_scale_max:
+            raise ValueError("crop_scale_min must not exceed crop_scale_max")
+        return self
+
+
+class SinkhornParams(Section):
+    """Relabel solver: lambda of the paper is ``sharpness``."""
+
+    sharpness: PositiveFloat
+    tolerance: PositiveFloat
+    stop_rule: Literal["official", "marginal"]
+    max_iterations: PositiveInt
+    dtype: Literal["float32", "float64"]
+
+
+class TrainParams(Section):
+    """Stage ``train``: network, optimiser and relabel schedule."""
+
+    seed: int
+    architecture: Literal["small_cnn", "resnet18"]
+    width: PositiveInt
+    image_size: PositiveInt
+    num_heads: PositiveInt
+    num_clusters: PositiveInt = Field(ge=2)
+    epochs: PositiveInt
+    batch_size: PositiveInt
+    learning_rate: PositiveFloat
+    momentum: float = Field(ge=0, lt=1)
+    weight_decay: float = Field(ge=0)
+    num_relabels: PositiveInt
+    relabel_power: float = Field(ge=1, description="relabel epochs are spaced as (i/n)^power: denser early")
+    relabel_augmented: bool
+    relabel_views: PositiveInt = Field(
+        le=64, description="augmented views whose logits are averaged in each relabel pass (1 if not augmented)"
+    )
+    augment: AugmentParams
+    sinkhorn: SinkhornParams
+
+
+class ExportParams(Section):
+    """Stage ``export``: the label set written for data teams."""
+
+    evaluation_head: int = Field(ge=0)
+
+
+class VersionParams(Section):
+    """Step ``version``: how published label sets are tagged."""
+
+    tag_prefix: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_.-]*$")
+
+
+class Params(Section):
+    """The whole ``params.yaml``."""
+
+    shard: ShardParams
+    train: TrainParams
+    export: ExportParams
+    version: VersionParams
+
+    @model_validator(mode="after")
+    def _head_exists(self) -> "Params":
+        if self.export.evaluation_head >= self.train.num_heads:
+            raise ValueError(
+                f"export.evaluation_head={self.export.evaluation_head} but train.num_heads={self.train.num_heads}"
+            )
+        return self
+
+
+class ParamsError(ValueError):
+    """params.yaml (or an override) is invalid; the message names every offending key."""
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "<root>"
+        lines.append(f"{key}: {item['msg']}" + (f" (got {item['input']!r})" if item["type"] != "missing" else ""))
+    return "; ".join(lines)
+
+
+def parse_params(raw: dict[str, Any], overrides: dict[str, Any] | None = None) -> Params:
+    """Validate a raw mapping, after applying dotted ``overrides`` such as ``{"train.num_clusters": 20}``."""
+    merged = _apply_overrides(raw, overrides or {})
+    try:
+        return Params.model_validate(merged)
+    except ValidationError as error:
+        raise ParamsError(f"invalid parameters: {_describe(error)}") from None
+
+
+def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
+    """Read and validate ``params.yaml``."""
+    text = Path(path).read_text()
+    raw = yaml.safe_load(text) or {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    return parse_params(raw, overrides)
+
+
+def _apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    merged = yaml.safe_load(yaml.safe_dump(raw))  # deep copy of plain data
+    for dotted, value in overrides.items():
+        *parents, leaf = dotted.split(".")
+        node = merged
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                raise ParamsError(f"invalid parameters: {dotted}: no such section {part!r}")
+            node = node[part]
+        if leaf not in node:
+            raise ParamsError(f"invalid parameters: {dotted}: unknown key")
+        node[leaf] = value
+    return merged

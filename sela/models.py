@@ -1,0 +1,70 @@
+"""Backbones with ``num_heads`` linear heads of ``num_clusters`` each (one labelling per head)."""
+
+import torch
+from torch import nn
+from torchvision.models import resnet18
+
+
+def _conv_block(inputs: int, outputs: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(inputs, outputs, 3, padding=1, bias=False), nn.BatchNorm2d(outputs), nn.ReLU(True))
+
+
+class SmallCNN(nn.Module):
+    """Four conv blocks and global pooling for small images (16-64 px). Feature size 4 * width."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            _conv_block(3, width),
+            nn.MaxPool2d(2),
+            _conv_block(width, 2 * width),
+            nn.MaxPool2d(2),
+            _conv_block(2 * width, 4 * width),
+            _conv_block(4 * width, 4 * width),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
+        self.feature_size = 4 * width
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.features(images)
+
+
+class CifarResNet18(nn.Module):
+    """torchvision's ResNet-18 with the CIFAR stem: 3x3 stride-1 first conv, no max-pool. Feature size 512."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        network = resnet18(weights=None)
+        network.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
+        network.maxpool = nn.Identity()
+        network.fc = nn.Identity()
+        self.network = network
+        self.feature_size = 512
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.network(images)
+
+
+class MultiHeadNet(nn.Module):
+    """Backbone + heads. forward: (B, 3, H, W) -> list of ``num_heads`` logits tensors (B, num_clusters)."""
+
+    def __init__(self, backbone: nn.Module, feature_size: int, num_heads: int, num_clusters: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.heads = nn.ModuleList(nn.Linear(feature_size, num_clusters) for _ in range(num_heads))
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        features = self.backbone(images)
+        return [head(features) for head in self.heads]
+
+
+def build_model(architecture: str, width: int, num_heads: int, num_clusters: int) -> MultiHeadNet:
+    """Randomly initialised network for ``architecture`` in {'small_cnn', 'resnet18'}."""
+    if architecture == "small_cnn":
+        backbone: nn.Module = SmallCNN(width)
+    elif architecture == "resnet18":
+        backbone = CifarResNet18()
+    else:
+        raise ValueError(f"unknown architecture {architecture!r}: expected 'small_cnn' or 'resnet18'")
+    return MultiHeadNet(backbone, backbone.feature_size, num_heads, num_clusters)

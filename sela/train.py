@@ -1,0 +1,212 @@
+"""Self-labelling training: cross-entropy over all heads on labels that Sinkhorn-Knopp re-derives on a schedule.
+
+The loop itself lives in the orchestrator (one task per epoch and per relabel); this module gives it the pieces:
+a checkpoint that carries everything between steps, one epoch of SGD, one relabel, and the schedule.
+"""
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as functional
+
+from sela.augment import augment, center
+from sela.config import TrainParams
+from sela.models import MultiHeadNet, build_model
+from sela.sinkhorn import SinkhornResult, sinkhorn_knopp
+
+
+@dataclass
+class Checkpoint:
+    """Everything a training step needs: model, optimiser, current labels (num_heads, N), warm starts, history."""
+
+    model: MultiHeadNet
+    optimizer: torch.optim.SGD
+    labels: np.ndarray
+    epoch: int = 0
+    cluster_potentials: list[np.ndarray | None] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def relabel_epochs(epochs: int, num_relabels: int, power: float) -> list[int]:
+    """Epochs before which to relabel: (i / n)^power spacing over the run, at most once an epoch, always 0."""
+    count = min(num_relabels, epochs)
+    positions = (np.arange(count) / max(count, 1)) ** power * epochs
+    chosen = sorted({int(p) for p in positions})
+    # Quadratic spacing collides early; spread the collisions onto the following free epochs.
+    while len(chosen) < count:
+        free = [epoch for epoch in range(epochs) if epoch not in chosen]
+        chosen = sorted(chosen + free[: count - len(chosen)])
+    return chosen
+
+
+def random_balanced_labels(num_images: int, num_heads: int, num_clusters: int, seed: int) -> np.ndarray:
+    """The paper's start: image i gets cluster i mod K, permuted. (num_heads, N) int64."""
+    generator = np.random.default_rng(seed)
+    base = np.arange(num_images) % num_clusters
+    return np.stack([generator.permutation(base) for _ in range(num_heads)]).astype(np.int64)
+
+
+def new_checkpoint(params: TrainParams, num_images: int) -> Checkpoint:
+    """Randomly initialised network, SGD optimiser and random balanced labels."""
+    torch.manual_seed(params.seed)
+    model = build_model(params.architecture, params.width, params.num_heads, params.num_clusters)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=params.learning_rate, momentum=params.momentum, weight_decay=params.weight_decay
+    )
+    labels = random_balanced_labels(num_images, params.num_heads, params.num_clusters, params.seed)
+    return Checkpoint(model, optimizer, labels, cluster_potentials=[None] * params.num_heads)
+
+
+def save_checkpoint(checkpoint: Checkpoint, path: Path) -> None:
+    """Write atomically (temp file + rename) so an interrupted write never leaves a torn checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "model": checkpoint.model.state_dict(),
+        "optimizer": checkpoint.optimizer.state_dict(),
+        "labels": torch.from_numpy(checkpoint.labels),
+        "epoch": checkpoint.epoch,
+        "cluster_potentials": [None if p is None else torch.from_numpy(p) for p in checkpoint.cluster_potentials],
+        "history": checkpoint.history,
+    }
+    temporary = path.with_suffix(path.suffix + ".tmp")
+    torch.save(payload, temporary)
+    temporary.replace(path)
+
+
+def load_checkpoint(path: Path, params: TrainParams, device: torch.device) -> Checkpoint:
+    """Inverse of ``save_checkpoint``; the model and optimiser state are moved to ``device``."""
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    labels = payload["labels"].numpy()
+    checkpoint = new_checkpoint(params, labels.shape[1])
+    checkpoint.model.load_state_dict(payload["model"])
+    checkpoint.model.to(device)
+    checkpoint.optimizer.load_state_dict(payload["optimizer"])
+    checkpoint.labels = labels
+    checkpoint.epoch = payload["epoch"]
+    checkpoint.cluster_potentials = [None if p is None else p.numpy() for p in payload["cluster_potentials"]]
+    checkpoint.history = payload["history"]
+    return checkpoint
+
+
+def learning_rate(params: TrainParams, epoch: int) -> float:
+    """Cosine decay from ``learning_rate`` to zero over the run."""
+    return params.learning_rate * 0.5 * (1 + math.cos(math.pi * epoch / params.epochs))
+
+
+def train_epoch(
+    checkpoint: Checkpoint, images: torch.Tensor, params: TrainParams, device: torch.device
+) -> dict[str, float]:
+    """One pass of SGD over augmented ``images`` uint8 (N, H, W, 3). Returns mean loss, accuracy, lr."""
+    generator = torch.Generator(device="cpu").manual_seed(params.seed * 100_003 + checkpoint.epoch)
+    model = checkpoint.model.to(device).train()
+    rate = learning_rate(params, checkpoint.epoch)
+    for group in checkpoint.optimizer.param_groups:
+        group["lr"] = rate
+    targets = torch.from_numpy(checkpoint.labels)
+    order = torch.randperm(images.shape[0], generator=generator)
+    total_loss, total_correct, seen = 0.0, 0.0, 0
+    for start in range(0, len(order), params.batch_size):
+        index = order[start : start + params.batch_size]
+        if len(index) < 2:  # BatchNorm needs two samples; the remainder joins the next epoch's shuffle
+            continue
+        batch = augment(images[index], params.augment, params.image_size, generator).to(device)
+        batch_targets = targets[:, index].to(device)
+        outputs = model(batch)
+        loss = sum(functional.cross_entropy(o, t) for o, t in zip(outputs, batch_targets)) / len(outputs)
+        checkpoint.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        checkpoint.optimizer.step()
+        total_loss += loss.item() * len(index)
+        total_correct += sum((o.argmax(1) == t).float().sum().item() for o, t in zip(outputs, batch_targets)) / len(
+            outputs
+        )
+        seen += len(index)
+    checkpoint.epoch += 1
+    summary = {"epoch": checkpoint.epoch, "loss": total_loss / seen, "accuracy": total_correct / seen, "lr": rate}
+    checkpoint.history.append({"kind": "epoch", **summary})
+    return summary
+
+
+@torch.no_grad()
+def compute_logits(
+    model: MultiHeadNet,
+    images: torch.Tensor,
+    params: TrainParams,
+    device: torch.device,
+    augmented: bool,
+    seed: int = 0,
+    batch_size: int = 512,
+) -> list[torch.Tensor]:
+    """Logits of every head for every image, row i for image i. -> num_heads x (N, K) float32 on ``device``."""
+    model = model.to(device).eval()
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    outputs: list[list[torch.Tensor]] = [[] for _ in model.heads]
+    for start in range(0, images.shape[0], batch_size):
+        raw = images[start : start + batch_size]
+        batch = augment(raw, params.augment, params.image_size, generator) if augmented else center(raw, params.image_size)
+        for head, logits in enumerate(model(batch.to(device))):
+            outputs[head].append(logits.float())
+    model.train()
+    return [torch.cat(head_outputs) for head_outputs in outputs]
+
+
+def solve_head(logits: torch.Tensor, params: TrainParams, warm_start: np.ndarray | None) -> SinkhornResult:
+    """Sinkhorn on one head's logits (N, K): with CuPy on the logits' GPU (zero-copy DLPack), numpy on CPU.
+
+    The result's arrays are numpy either way.
+    """
+    settings = params.sinkhorn
+    dtype = np.float32 if settings.dtype == "float32" else np.float64
+    if logits.is_cuda:
+        import cupy  # a CUDA device without CuPy is a broken install: fail loudly, never fall back silently
+
+        array = cupy.from_dlpack(logits.detach())
+        warm = None if warm_start is None else cupy.asarray(warm_start)
+    else:
+        array, warm = logits.detach().cpu().numpy(), warm_start
+    result = sinkhorn_knopp(
+        array,
+        settings.sharpness,
+        tolerance=settings.tolerance,
+        stop_rule=settings.stop_rule,
+        max_iterations=settings.max_iterations,
+        dtype=dtype,
+        warm_start=warm,
+    )
+    if logits.is_cuda:
+        result.labels, result.confidence, result.log_cluster_potential = (
+            cupy.asnumpy(result.labels),
+            cupy.asnumpy(result.confidence),
+            cupy.asnumpy(result.log_cluster_potential),
+        )
+    return result
+
+
+def relabel(
+    checkpoint: Checkpoint, images: torch.Tensor, params: TrainParams, device: torch.device
+) -> dict[str, Any]:
+    """Re-derive every head's labels from the current network (warm-started Sinkhorn). Returns diagnostics."""
+    views = params.relabel_views if params.relabel_augmented else 1
+    logits: list[torch.Tensor] = []
+    for view in range(views):
+        # Averaging logits over views = averaging log-probabilities (a per-row constant is irrelevant to Sinkhorn).
+        seed = params.seed + checkpoint.epoch + 1_000_003 * view
+        view_logits = compute_logits(checkpoint.model, images, params, device, params.relabel_augmented, seed=seed)
+        logits = view_logits if not logits else [total + new for total, new in zip(logits, view_logits)]
+    logits = [total / views for total in logits]
+    per_head = []
+    for head, head_logits in enumerate(logits):
+        result = solve_head(head_logits, params, checkpoint.cluster_potentials[head])
+        changed = float(np.mean(result.labels != checkpoint.labels[head]))
+        checkpoint.labels[head] = result.labels
+        checkpoint.cluster_potentials[head] = result.log_cluster_potential
+        sizes = np.bincount(result.labels, minlength=params.num_clusters)
+        per_head.append({**result.diagnostics(), "changed": changed, "min_size": int(sizes.min()),
+                         "max_size": int(sizes.max())})
+    summary = {"epoch": checkpoint.epoch, "heads": per_head}
+    checkpoint.history.append({"kind": "relabel", **summary})
+    return summary

@@ -1,0 +1,73 @@
+"""Task: trained checkpoint -> label set (parquet), card (JSON), metrics (JSON) and a Prefect artifact."""
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+from prefect import task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from sela import export, labels, train
+from sela.config import Params
+from sela.shards import manifest_hash, read_shards
+from tasks.environment import device_name
+from tasks.paths import CARD, CHECKPOINT, LABELS, METRICS, SHARD_DIR
+
+
+def code_version(root: str) -> str:
+    """Commit of the code that made the labels, '+dirty' when sela/, tasks/ or flows/ have local edits."""
+    def git(*args: str) -> str:
+        result = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=False)
+        return result.stdout.strip() if result.returncode == 0 else ""
+
+    commit = git("rev-parse", "HEAD") or "unknown"
+    dirty = git("status", "--porcelain", "--", "sela", "tasks", "flows")
+    return commit + ("+dirty" if dirty else "")
+
+
+def metrics_markdown(metrics: dict[str, Any]) -> str:
+    """Quality numbers and a bar per cluster of the evaluation head, for the Prefect UI."""
+    lines = ["# Label set", "", "| metric | value |", "| --- | --- |"]
+    for name in ("num_images", "num_clusters", "nmi", "ari", "acc", "mean_confidence"):
+        if name in metrics:
+            value = metrics[name]
+            lines.append(f"| {name} | {value:.4f} |" if isinstance(value, float) else f"| {name} | {value} |")
+    sizes = metrics["cluster_sizes"][metrics["evaluation_head"]]
+    lines += ["", f"## Cluster sizes (head {metrics['evaluation_head']})", "", "| cluster | images | |", "| --- | --- | --- |"]
+    widest = max(sizes) or 1
+    lines += [f"| {k} | {size} | {'█' * max(1, round(30 * size / widest))} |" for k, size in enumerate(sizes)]
+    return "\n".join(lines)
+
+
+@task(name="export-labels", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)
+def export_labels(root: str, params: Params) -> dict[str, Any]:
+    """Write labels/labels.parquet, labels/card.json and metrics/labels.json. Returns the metrics."""
+    base, device = Path(root), torch.device(device_name())
+    shards = read_shards(base / SHARD_DIR, params.train.image_size)
+    checkpoint = train.load_checkpoint(base / CHECKPOINT, params.train, device)
+    images = torch.from_numpy(shards.images)
+    head_labels, confidence, diagnostics = export.final_labels(checkpoint.model, images, params, device)
+    labels.write_label_set(labels.label_table(shards.keys, head_labels, confidence), base / LABELS)
+    metrics = export.label_metrics(head_labels, confidence, shards.ground_truth, params)
+    epochs = [entry for entry in checkpoint.history if entry["kind"] == "epoch"]
+    card = {
+        "params": params.model_dump(mode="json"),
+        "data_manifest_sha256": manifest_hash(base / SHARD_DIR),
+        "metrics": metrics,
+        "code_version": code_version(root),
+        "training": {
+            "epochs": checkpoint.epoch,
+            "relabels": sum(entry["kind"] == "relabel" for entry in checkpoint.history),
+            "final_loss": epochs[-1]["loss"] if epochs else None,
+        },
+        "sinkhorn": diagnostics,
+    }
+    labels.write_card(card, base / CARD)
+    (base / METRICS).parent.mkdir(parents=True, exist_ok=True)
+    summary = {name: metrics[name] for name in ("num_images", "nmi", "ari", "acc", "mean_confidence") if name in metrics}
+    (base / METRICS).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    create_markdown_artifact(metrics_markdown(metrics), key="label-set", description="Quality and cluster sizes")
+    return metrics

@@ -1,0 +1,8 @@
+"""Where each stage writes, relative to the project root. ``dvc.yaml`` declares the same paths."""
+
+SHARD_DIR = "data/shards"
+CHECKPOINT = "models/checkpoint.pt"
+LABELS = "labels/labels.parquet"
+CARD = "labels/card.json"
+METRICS = "metrics/labels.json"
+STAGE_OUTPUTS = [SHARD_DIR, CHECKPOINT, LABELS, CARD, METRICS]

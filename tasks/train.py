@@ -1,0 +1,58 @@
+"""Tasks: start a run, train one epoch, relabel. Each loads the checkpoint, makes one ``sela`` call, saves it."""
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from sela import train
+from sela.config import TrainParams
+from sela.shards import manifest_hash, read_shards
+from tasks.environment import device_name
+from tasks.paths import CHECKPOINT, SHARD_DIR
+
+
+@lru_cache(maxsize=2)
+def _cached_images(shard_dir: str, manifest_sha256: str, image_size: int) -> tuple[torch.Tensor, tuple]:
+    # Keyed by the manifest hash: new shards are never served from a stale cache.
+    loaded = read_shards(Path(shard_dir), image_size)
+    return torch.from_numpy(loaded.images), tuple(loaded.ground_truth)
+
+
+def load_images(root: str, image_size: int) -> torch.Tensor:
+    """All images of the shards, uint8 (N, H, W, 3), row i = manifest index i; decoded once per process."""
+    shard_dir = Path(root) / SHARD_DIR
+    return _cached_images(str(shard_dir), manifest_hash(shard_dir), image_size)[0]
+
+
+@task(name="start-training", cache_policy=NO_CACHE)
+def start_training(root: str, params: TrainParams) -> dict[str, Any]:
+    """Random network and random balanced labels, saved as the epoch-0 checkpoint."""
+    images = load_images(root, params.image_size)
+    checkpoint = train.new_checkpoint(params, images.shape[0])
+    train.save_checkpoint(checkpoint, Path(root) / CHECKPOINT)
+    parameters = sum(p.numel() for p in checkpoint.model.parameters())
+    return {"num_images": int(images.shape[0]), "parameters": parameters, "device": device_name()}
+
+
+@task(name="relabel", cache_policy=NO_CACHE)
+def relabel(root: str, params: TrainParams) -> dict[str, Any]:
+    """Sinkhorn-Knopp relabel of every head from the current network (CuPy on GPU, numpy on CPU)."""
+    device = torch.device(device_name())
+    checkpoint = train.load_checkpoint(Path(root) / CHECKPOINT, params, device)
+    summary = train.relabel(checkpoint, load_images(root, params.image_size), params, device)
+    train.save_checkpoint(checkpoint, Path(root) / CHECKPOINT)
+    return summary
+
+
+@task(name="train-epoch", cache_policy=NO_CACHE)
+def train_epoch(root: str, params: TrainParams) -> dict[str, float]:
+    """One epoch of SGD on the current labels; the checkpoint is saved after every epoch."""
+    device = torch.device(device_name())
+    checkpoint = train.load_checkpoint(Path(root) / CHECKPOINT, params, device)
+    summary = train.train_epoch(checkpoint, load_images(root, params.image_size), params, device)
+    train.save_checkpoint(checkpoint, Path(root) / CHECKPOINT)
+    return summary

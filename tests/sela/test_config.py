@@ -1,0 +1,56 @@
+"""params.yaml validation: the project's own file loads; unknown, missing and bad values are named."""
+
+import pytest
+import yaml
+
+from sela.config import ParamsError, load_params, parse_params
+from tests.conftest import PROJECT_ROOT
+
+
+def raw_params() -> dict:
+    return yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+
+
+def test_project_params_load():
+    params = load_params(PROJECT_ROOT / "params.yaml")
+    assert params.train.num_clusters == 10 and params.shard.source == "digits"
+
+
+def test_unknown_key_is_named():
+    raw = raw_params()
+    raw["train"]["num_cluster"] = 3
+    with pytest.raises(ParamsError, match="train.num_cluster"):
+        parse_params(raw)
+
+
+def test_missing_key_is_named():
+    raw = raw_params()
+    del raw["train"]["sinkhorn"]["sharpness"]
+    with pytest.raises(ParamsError, match="train.sinkhorn.sharpness"):
+        parse_params(raw)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("train.num_clusters", -3), ("train.augment.flip_probability", 1.5), ("train.sinkhorn.dtype", "float16")],
+)
+def test_bad_override_is_named(key, value):
+    with pytest.raises(ParamsError, match=key.replace(".", r"\.")):
+        parse_params(raw_params(), {key: value})
+
+
+def test_override_of_unknown_key_is_rejected():
+    with pytest.raises(ParamsError, match="train.epoch: unknown key"):
+        parse_params(raw_params(), {"train.epoch": 3})
+
+
+def test_override_applies_without_touching_the_input():
+    raw = raw_params()
+    params = parse_params(raw, {"train.epochs": 7})
+    assert params.train.epochs == 7
+    assert raw["train"]["epochs"] == raw_params()["train"]["epochs"]
+
+
+def test_evaluation_head_must_exist():
+    with pytest.raises(ParamsError, match="evaluation_head"):
+        parse_params(raw_params(), {"export.evaluation_head": 99})

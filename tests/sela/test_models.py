@@ -1,0 +1,18 @@
+"""Models: every architecture gives num_heads logits of num_clusters."""
+
+import pytest
+import torch
+
+from sela.models import build_model
+
+
+@pytest.mark.parametrize("architecture", ["small_cnn", "resnet18"])
+def test_heads_shapes(architecture):
+    model = build_model(architecture, width=8, num_heads=3, num_clusters=7).eval()
+    outputs = model(torch.randn(2, 3, 32, 32))
+    assert [tuple(o.shape) for o in outputs] == [(2, 7)] * 3
+
+
+def test_unknown_architecture():
+    with pytest.raises(ValueError, match="alexnet"):
+        build_model("alexnet", 8, 1, 2)

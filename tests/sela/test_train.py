@@ -1,0 +1,80 @@
+"""Training pieces: relabel schedule, balanced start, loss going down, checkpoint round trip, relabel balance."""
+
+import numpy as np
+import pytest
+import torch
+
+from sela import train
+from sela.config import load_params
+from sela.data import iter_source
+from sela.shards import read_shards, write_shards
+from tests.conftest import PROJECT_ROOT
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> tuple[torch.Tensor, list]:
+    """The embedded default, through real shards, 16 px. uint8 (1797, 16, 16, 3)."""
+    directory = tmp_path_factory.mktemp("shards")
+    write_shards(iter_source("digits", 16), directory, 1000)
+    loaded = read_shards(directory, 16)
+    return torch.from_numpy(loaded.images), loaded.ground_truth
+
+
+def small_params(**changes):
+    overrides = {"train.width": 8, "train.image_size": 16, "train.num_heads": 2, "train.epochs": 4,
+                 "train.num_relabels": 2, **changes}
+    return load_params(PROJECT_ROOT / "params.yaml", overrides).train
+
+
+@pytest.mark.parametrize(("epochs", "count", "power"), [(100, 40, 2.0), (10, 10, 2.0), (30, 100, 1.0), (400, 100, 2.0)])
+def test_relabel_schedule(epochs, count, power):
+    epochs_chosen = train.relabel_epochs(epochs, count, power)
+    assert epochs_chosen[0] == 0 and len(epochs_chosen) == min(count, epochs)
+    assert len(set(epochs_chosen)) == len(epochs_chosen) and max(epochs_chosen) < epochs
+    first_half = sum(epoch < epochs / 2 for epoch in epochs_chosen)
+    assert first_half >= len(epochs_chosen) / 2  # denser early (or every epoch)
+
+
+def test_random_start_is_balanced():
+    labels = train.random_balanced_labels(1003, 3, 10, seed=0)
+    assert labels.shape == (3, 1003)
+    for head in labels:
+        sizes = np.bincount(head, minlength=10)
+        assert sizes.max() - sizes.min() <= 1
+    assert not np.array_equal(labels[0], labels[1])
+
+
+def test_loss_goes_down_on_fixed_labels(digits):
+    images, truth = digits
+    params = small_params()
+    checkpoint = train.new_checkpoint(params, len(images))
+    checkpoint.labels[:] = np.array([int(t) for t in truth])[None, :]
+    losses = [train.train_epoch(checkpoint, images, params, torch.device("cpu"))["loss"] for _ in range(3)]
+    assert losses[-1] < losses[0] * 0.8
+
+
+def test_relabel_is_balanced_and_records_diagnostics(digits):
+    images, _ = digits
+    params = small_params()
+    checkpoint = train.new_checkpoint(params, len(images))
+    summary = train.relabel(checkpoint, images, params, torch.device("cpu"))
+    assert len(summary["heads"]) == 2
+    for head in summary["heads"]:
+        # The plan is balanced; argmax labels of a random network's near-uniform plan need not be, but none is empty.
+        assert head["converged"] and head["column_marginal_error"] < 1e-3 and head["min_size"] > 0
+    assert checkpoint.cluster_potentials[0] is not None and checkpoint.history[-1]["kind"] == "relabel"
+
+
+def test_checkpoint_round_trip(tmp_path, digits):
+    images, _ = digits
+    params = small_params()
+    checkpoint = train.new_checkpoint(params, len(images))
+    train.relabel(checkpoint, images, params, torch.device("cpu"))
+    train.train_epoch(checkpoint, images, params, torch.device("cpu"))
+    train.save_checkpoint(checkpoint, tmp_path / "c.pt")
+    loaded = train.load_checkpoint(tmp_path / "c.pt", params, torch.device("cpu"))
+    assert loaded.epoch == 1 and np.array_equal(loaded.labels, checkpoint.labels)
+    np.testing.assert_array_equal(loaded.cluster_potentials[1], checkpoint.cluster_potentials[1])
+    for key, value in checkpoint.model.state_dict().items():
+        torch.testing.assert_close(loaded.model.state_dict()[key], value)
+    assert not (tmp_path / "c.pt.tmp").exists()
