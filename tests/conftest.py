@@ -40,3 +40,49 @@ def xp(request):
 def to_numpy(array):
     """Host copy of a numpy or CuPy array."""
     return array.get() if hasattr(array, "get") else np.asarray(array)
+
+
+PROJECT_FILES = ["sela", "tasks", "flows", "params.yaml", "dvc.yaml", ".dvcignore", ".dvc/config", ".dvc/.gitignore",
+                 ".gitignore", "data/.gitignore", "models/.gitignore", "labels/.gitignore"]
+
+TINY_TRAINING = {"train.width": 8, "train.image_size": 16, "train.num_heads": 2, "train.epochs": 3,
+                 "train.num_relabels": 2, "train.relabel_views": 1}
+
+
+@pytest.fixture(scope="session")
+def prefect_api_url():
+    """One real Prefect server (SQLite in a temp dir) for the whole session; yields its API URL."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield PREFECT_API_URL.value()
+
+
+def make_project(destination: Path, train_overrides: dict | None = None) -> Path:
+    """A git + DVC repo holding this checkout's pipeline code, with params.yaml shrunk to a few seconds of work."""
+    import shutil
+    import subprocess
+
+    import yaml
+
+    for name in PROJECT_FILES:
+        source, target = PROJECT_ROOT / name, destination / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(source, target)
+    params = yaml.safe_load((destination / "params.yaml").read_text())
+    for dotted, value in {**TINY_TRAINING, **(train_overrides or {})}.items():
+        *parents, leaf = dotted.split(".")
+        node = params
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    (destination / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for command in (["git", "init", "-q", "-b", "main"], ["git", "config", "user.name", "sela-test"],
+                    ["git", "config", "user.email", "sela-test@localhost"], ["git", "add", "-A"],
+                    ["git", "commit", "-qm", "pipeline"]):
+        subprocess.run(command, cwd=destination, check=True, capture_output=True)
+    return destination

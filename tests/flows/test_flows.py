@@ -1,0 +1,47 @@
+"""The Prefect flows against a real (test) Prefect server: the whole pipeline, its task runs, a bad parameter."""
+
+import asyncio
+import json
+import subprocess
+
+import pyarrow.parquet as pq
+import pytest
+
+from sela.config import ParamsError
+from tests.conftest import make_project
+
+
+async def _task_run_names() -> list[str]:
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        return [run.name for run in await client.read_task_runs()]
+
+
+def test_full_flow_publishes_a_pullable_version(prefect_api_url, tmp_path):
+    from flows.full import sela
+
+    project = make_project(tmp_path / "project")
+    state = sela(root=str(project), return_state=True)
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert result["version"]["tag"] == "labels-v1"
+    assert result["data"]["num_images"] == 1797
+    table = pq.read_table(project / "labels/labels.parquet")
+    assert table.num_rows == 1797 and set(table.column_names) >= {"key", "label_head_0", "confidence_head_1"}
+    card = json.loads((project / "labels/card.json").read_text())
+    assert card["training"] == {"epochs": 3, "relabels": 2, "final_loss": card["training"]["final_loss"]}
+    assert 0 <= card["metrics"]["nmi"] <= 1 and card["data_manifest_sha256"]
+    names = asyncio.run(_task_run_names())
+    assert {"epoch-0", "epoch-1", "epoch-2", "relabel-before-epoch-0"} <= set(names)
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=project, capture_output=True, text=True)
+    assert status.stdout.strip() == ""  # the version step left nothing uncommitted
+
+
+def test_bad_parameter_fails_fast_naming_it(prefect_api_url, tmp_path):
+    from flows.full import sela
+
+    project = make_project(tmp_path / "project")
+    with pytest.raises(ParamsError, match="train.num_clusters"):
+        sela(root=str(project), overrides={"train.num_clusters": -3})
+    assert not (project / "data/shards").exists()  # nothing started, nothing half-written
