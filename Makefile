@@ -27,8 +27,11 @@ server: setup
 serve: server
 	@scripts/prefect-serve.sh
 
+# The flow's own log (epochs, relabels) streams from the serve process while --watch waits for the final state.
 run: serve
-	$(BIN)/prefect deployment run sela/full --watch
+	@tail -n0 -F $(PREFECT_HOME)/serve.log & tailer=$$!; \
+	$(BIN)/prefect deployment run sela/full --watch; status=$$?; \
+	kill $$tailer 2>/dev/null; exit $$status
 	@$(BIN)/python -m flows.summary
 
 stop:

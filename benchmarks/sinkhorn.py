@@ -102,7 +102,8 @@ def main() -> None:
             ("sela float32", seconds, result.iterations, result.column_marginal_error, agreement)]
     print(f"{'solver':<20}{'seconds':>10}{'iters':>8}{'ms/iter':>10}{'col err':>10}{'agreement':>11}")
     for name, total, iterations, column, agree in rows:
-        print(f"{name:<20}{total:>10.3f}{iterations:>8d}{1000 * total / iterations:>10.2f}{column:>10.2e}{agree:>11.4f}")
+        per_iteration = 1000 * total / iterations
+        print(f"{name:<20}{total:>10.3f}{iterations:>8d}{per_iteration:>10.2f}{column:>10.2e}{agree:>11.4f}")
     print(f"speed-up (reference / sela): {ref_seconds / seconds:.2f}x; stabilisations: {result.stabilisations}")
 
 

@@ -23,7 +23,8 @@ def sela(root: str = ".", overrides: dict[str, Any] | None = None, publish_versi
     quality = ", ".join(f"{name} {metrics[name]:.3f}" for name in ("nmi", "acc", "ari") if name in metrics)
     result = {"data": data, "training": training, "metrics": {k: v for k, v in metrics.items() if k != "cluster_sizes"}}
     if publish_version:
-        summary = f"{data['num_images']} images, {params.train.num_clusters} clusters" + (f", {quality}" if quality else "")
+        summary = f"{data['num_images']} images, {params.train.num_clusters} clusters"
+        summary += f", {quality}" if quality else ""
         result["version"] = publish(root, params.version.tag_prefix, summary)
         logger.info("published %s", result["version"])
     return result

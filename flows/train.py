@@ -24,7 +24,7 @@ def train_flow(root: str = ".", overrides: dict[str, Any] | None = None) -> dict
             diagnostics = relabel.with_options(task_run_name=f"relabel-before-epoch-{epoch}")(root, settings)
             logger.info("relabel before epoch %d: %s", epoch, diagnostics["heads"][0])
         summary = train_epoch.with_options(task_run_name=f"epoch-{epoch}")(root, settings)
-        logger.info("epoch %d/%d: loss %.4f accuracy %.3f", epoch + 1, settings.epochs, summary["loss"], summary["accuracy"])
+        logger.info("epoch %d/%d: %s", epoch + 1, settings.epochs, summary)
         update_progress_artifact(progress, 100.0 * (epoch + 1) / settings.epochs)
     return {**summary, "relabels": len(schedule)}
 

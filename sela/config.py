@@ -11,7 +11,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
 
 
-
 class Section(BaseModel):
     """Base for every section: unknown keys are errors, values are immutable once validated."""
 

@@ -36,7 +36,8 @@ def metrics_markdown(metrics: dict[str, Any]) -> str:
             value = metrics[name]
             lines.append(f"| {name} | {value:.4f} |" if isinstance(value, float) else f"| {name} | {value} |")
     sizes = metrics["cluster_sizes"][metrics["evaluation_head"]]
-    lines += ["", f"## Cluster sizes (head {metrics['evaluation_head']})", "", "| cluster | images | |", "| --- | --- | --- |"]
+    lines += ["", f"## Cluster sizes (head {metrics['evaluation_head']})", ""]
+    lines += ["| cluster | images | |", "| --- | --- | --- |"]
     widest = max(sizes) or 1
     lines += [f"| {k} | {size} | {'█' * max(1, round(30 * size / widest))} |" for k, size in enumerate(sizes)]
     return "\n".join(lines)
@@ -67,7 +68,8 @@ def export_labels(root: str, params: Params) -> dict[str, Any]:
     }
     labels.write_card(card, base / CARD)
     (base / METRICS).parent.mkdir(parents=True, exist_ok=True)
-    summary = {name: metrics[name] for name in ("num_images", "nmi", "ari", "acc", "mean_confidence") if name in metrics}
+    names = ("num_images", "nmi", "ari", "acc", "mean_confidence")
+    summary = {name: metrics[name] for name in names if name in metrics}
     (base / METRICS).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     create_markdown_artifact(metrics_markdown(metrics), key="label-set", description="Quality and cluster sizes")
     return metrics

@@ -21,7 +21,8 @@ def run_dvc(project: Path, *args: str, env: dict | None = None) -> str:
 
 def test_repro_twice_then_pull_from_a_cacheless_clone(prefect_api_url, tmp_path):
     project = make_project(tmp_path / "project")
-    env = {**os.environ, "PREFECT_API_URL": prefect_api_url, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"  # the stages' `python` is this interpreter
+    env = {**os.environ, "PREFECT_API_URL": prefect_api_url, "PATH": path}
     first = run_dvc(project, "repro", env=env)
     assert "Running stage 'shard'" in first and "Running stage 'export'" in first
     second = run_dvc(project, "repro", env=env)
