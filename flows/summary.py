@@ -16,7 +16,9 @@ def main(root: Path = Path(".")) -> None:
     print(f"label set : {root / LABELS}")
     print(f"card      : {root / CARD}")
     print(f"version   : {tag or 'not published'}")
-    print("quality   : " + ", ".join(f"{name} {value:.4f}" for name, value in sorted(metrics.items())))
+    quality = [f"{name} {value:.4f}" if isinstance(value, float) else f"{name} {value}"
+               for name, value in sorted(metrics.items())]
+    print("quality   : " + ", ".join(quality))
     if tag:
         print(f"pull it   : dvc get {root} {LABELS} --rev {tag} -o labels.parquet")
     ui = os.environ.get("PREFECT_API_URL", "http://127.0.0.1:4200/api").removesuffix("/api")

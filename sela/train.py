@@ -116,14 +116,13 @@ def train_epoch(
         batch = augment(images[index], params.augment, params.image_size, generator).to(device)
         batch_targets = targets[:, index].to(device)
         outputs = model(batch)
-        loss = sum(functional.cross_entropy(o, t) for o, t in zip(outputs, batch_targets)) / len(outputs)
+        loss = sum(functional.cross_entropy(o, t) for o, t in zip(outputs, batch_targets, strict=True)) / len(outputs)
         checkpoint.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         checkpoint.optimizer.step()
         total_loss += loss.item() * len(index)
-        total_correct += sum((o.argmax(1) == t).float().sum().item() for o, t in zip(outputs, batch_targets)) / len(
-            outputs
-        )
+        correct = sum((o.argmax(1) == t).sum().item() for o, t in zip(outputs, batch_targets, strict=True))
+        total_correct += correct / len(outputs)
         seen += len(index)
     checkpoint.epoch += 1
     summary = {"epoch": checkpoint.epoch, "loss": total_loss / seen, "accuracy": total_correct / seen, "lr": rate}
@@ -147,7 +146,10 @@ def compute_logits(
     outputs: list[list[torch.Tensor]] = [[] for _ in model.heads]
     for start in range(0, images.shape[0], batch_size):
         raw = images[start : start + batch_size]
-        batch = augment(raw, params.augment, params.image_size, generator) if augmented else center(raw, params.image_size)
+        if augmented:
+            batch = augment(raw, params.augment, params.image_size, generator)
+        else:
+            batch = center(raw, params.image_size)
         for head, logits in enumerate(model(batch.to(device))):
             outputs[head].append(logits.float())
     model.train()
@@ -196,7 +198,7 @@ def relabel(
         # Averaging logits over views = averaging log-probabilities (a per-row constant is irrelevant to Sinkhorn).
         seed = params.seed + checkpoint.epoch + 1_000_003 * view
         view_logits = compute_logits(checkpoint.model, images, params, device, params.relabel_augmented, seed=seed)
-        logits = view_logits if not logits else [total + new for total, new in zip(logits, view_logits)]
+        logits = view_logits if not logits else [total + new for total, new in zip(logits, view_logits, strict=True)]
     logits = [total / views for total in logits]
     per_head = []
     for head, head_logits in enumerate(logits):
