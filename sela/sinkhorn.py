@@ -136,7 +136,7 @@ def sinkhorn_knopp(
     scores = sharpened_scores(logits, sharpness, dtype)
     num_rows, num_clusters = scores.shape
     if num_rows < num_clusters:
-        raise ValueError(f"equipartition needs at least as many images as clusters, got N={num_rows} < K={num_clusters}")
+        raise ValueError(f"equipartition needs N >= K (images >= clusters), got N={num_rows} < K={num_clusters}")
     work = scores.dtype
     g = xp.zeros(num_clusters, xp.float64) if warm_start is None else xp.asarray(warm_start, dtype=xp.float64)
     f = _log_row_update(xp, scores, g, chunk_rows)
