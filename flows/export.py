@@ -5,11 +5,12 @@ from typing import Any
 from prefect import flow
 
 from flows.common import resolve
+from sela.config import ParamsOverrides
 from tasks.export import export_labels
 
 
 @flow(name="export")
-def export_flow(root: str = ".", overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def export_flow(root: str = ".", overrides: ParamsOverrides | None = None) -> dict[str, Any]:
     """Final balanced labels of every head, written for data teams."""
     root, params = resolve(root, overrides)
     return export_labels(root, params)

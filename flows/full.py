@@ -8,12 +8,13 @@ from flows.common import resolve
 from flows.export import export_flow
 from flows.shard import shard_flow
 from flows.train import train_flow
+from sela.config import ParamsOverrides
 from tasks.version import publish
 
 
 @flow(name="sela")
-def sela(root: str = ".", overrides: dict[str, Any] | None = None, publish_version: bool = True) -> dict[str, Any]:
-    """Unlabelled images in, a versioned label set out. ``overrides``: dotted keys, e.g. {"train.epochs": 5}."""
+def sela(root: str = ".", overrides: ParamsOverrides | None = None, publish_version: bool = True) -> dict[str, Any]:
+    """Unlabelled images in, a versioned label set out. ``overrides``: e.g. {"train": {"epochs": 5}}."""
     root, params = resolve(root, overrides)  # fail fast, before any work, on a bad parameter
     logger = get_run_logger()
     data = shard_flow(root, overrides)

@@ -5,11 +5,12 @@ from typing import Any
 from prefect import flow
 
 from flows.common import resolve
+from sela.config import ParamsOverrides
 from tasks.shard import shard_images
 
 
 @flow(name="shard", log_prints=False)
-def shard_flow(root: str = ".", overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def shard_flow(root: str = ".", overrides: ParamsOverrides | None = None) -> dict[str, Any]:
     """Pack the configured source into ``data/shards`` with a manifest."""
     root, params = resolve(root, overrides)
     return shard_images(root, params.shard)

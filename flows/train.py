@@ -6,12 +6,13 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from flows.common import resolve
+from sela.config import ParamsOverrides
 from sela.train import relabel_epochs
 from tasks.train import relabel, start_training, train_epoch
 
 
 @flow(name="train")
-def train_flow(root: str = ".", overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def train_flow(root: str = ".", overrides: ParamsOverrides | None = None) -> dict[str, Any]:
     """Random network -> relabel (on schedule) / epoch, ... -> ``models/checkpoint.pt``."""
     root, params = resolve(root, overrides)
     settings, logger = params.train, get_run_logger()

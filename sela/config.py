@@ -5,10 +5,19 @@ missing key is an error too. Machine settings (device, loader workers) are not p
 """
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    create_model,
+    model_validator,
+)
 
 
 class Section(BaseModel):
@@ -104,6 +113,24 @@ class Params(Section):
         return self
 
 
+def _optional_copy(model: type[Section]) -> type[Section]:
+    """The same section with every key optional (None = keep params.yaml's value), bounds and types kept."""
+    fields: dict[str, Any] = {}
+    for name, info in model.model_fields.items():
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, Section):
+            annotation = _optional_copy(annotation)
+        elif info.metadata:
+            annotation = Annotated[annotation, *info.metadata]
+        fields[name] = (annotation | None, Field(default=None, description=info.description))
+    return create_model(f"{model.__name__}Overrides", __base__=Section, **fields)
+
+
+# Run-time overrides of params.yaml (Prefect flow parameter): nested like the file, every key optional. Prefect
+# publishes its JSON schema, so a bad value is refused when the run is requested, naming the key.
+ParamsOverrides = _optional_copy(Params)
+
+
 class ParamsError(ValueError):
     """params.yaml (or an override) is invalid; the message names every offending key."""
 
@@ -116,22 +143,35 @@ def _describe(error: ValidationError) -> str:
     return "; ".join(lines)
 
 
-def parse_params(raw: dict[str, Any], overrides: dict[str, Any] | None = None) -> Params:
-    """Validate a raw mapping, after applying dotted ``overrides`` such as ``{"train.num_clusters": 20}``."""
-    merged = _apply_overrides(raw, overrides or {})
+def parse_params(raw: dict[str, Any], overrides: BaseModel | dict[str, Any] | None = None) -> Params:
+    """Validate a raw mapping after applying ``overrides``: a ``ParamsOverrides``, a nested mapping like
+    ``{"train": {"num_clusters": 20}}``, or dotted keys like ``{"train.num_clusters": 20}``."""
+    if isinstance(overrides, BaseModel):
+        overrides = overrides.model_dump(exclude_none=True)
+    merged = _apply_overrides(raw, _dotted(overrides or {}))
     try:
         return Params.model_validate(merged)
     except ValidationError as error:
         raise ParamsError(f"invalid parameters: {_describe(error)}") from None
 
 
-def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
+def load_params(path: str | Path = "params.yaml", overrides: BaseModel | dict[str, Any] | None = None) -> Params:
     """Read and validate ``params.yaml``."""
     text = Path(path).read_text()
     raw = yaml.safe_load(text) or {}
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
     return parse_params(raw, overrides)
+
+
+def _dotted(overrides: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            flat.update(_dotted(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

@@ -42,6 +42,16 @@ def test_bad_parameter_fails_fast_naming_it(prefect_api_url, tmp_path):
     from flows.full import sela
 
     project = make_project(tmp_path / "project")
-    with pytest.raises(ParamsError, match="train.num_clusters"):
-        sela(root=str(project), overrides={"train.num_clusters": -3})
+    with pytest.raises(Exception, match="num_clusters") as raised:
+        sela(root=str(project), overrides={"train": {"num_clusters": -3}})
+    assert "greater than or equal to 2" in str(raised.value)
     assert not (project / "data/shards").exists()  # nothing started, nothing half-written
+
+
+def test_bad_value_in_params_yaml_fails_naming_it(prefect_api_url, tmp_path):
+    from flows.full import sela
+
+    project = make_project(tmp_path / "project", {"train.sinkhorn.dtype": "float16"})
+    with pytest.raises(ParamsError, match="train.sinkhorn.dtype"):
+        sela(root=str(project))
+    assert not (project / "data/shards").exists()
