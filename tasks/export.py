@@ -14,7 +14,7 @@ from sela import export, labels, train
 from sela.config import Params
 from sela.shards import manifest_hash, read_shards
 from tasks.environment import device_name
-from tasks.paths import CARD, CHECKPOINT, LABELS, METRICS, SHARD_DIR
+from tasks.paths import CARD, CHECKPOINT, CLUSTER_SIZES, LABELS, METRICS, SHARD_DIR
 
 
 def code_version(root: str) -> str:
@@ -41,6 +41,12 @@ def metrics_markdown(metrics: dict[str, Any]) -> str:
     widest = max(sizes) or 1
     lines += [f"| {k} | {size} | {'█' * max(1, round(30 * size / widest))} |" for k, size in enumerate(sizes)]
     return "\n".join(lines)
+
+
+def cluster_sizes_csv(sizes: list[list[int]]) -> str:
+    """One row per (head, cluster): the data of the DVC bar plot declared in dvc.yaml."""
+    rows = ["head,cluster,images"] + [f"{h},{k},{n}" for h, head in enumerate(sizes) for k, n in enumerate(head)]
+    return "\n".join(rows) + "\n"
 
 
 @task(name="export-labels", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)
@@ -71,5 +77,6 @@ def export_labels(root: str, params: Params) -> dict[str, Any]:
     names = ("num_images", "nmi", "ari", "acc", "mean_confidence")
     summary = {name: metrics[name] for name in names if name in metrics}
     (base / METRICS).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    (base / CLUSTER_SIZES).write_text(cluster_sizes_csv(metrics["cluster_sizes"]))
     create_markdown_artifact(metrics_markdown(metrics), key="label-set", description="Quality and cluster sizes")
     return metrics

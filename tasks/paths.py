@@ -5,4 +5,5 @@ CHECKPOINT = "models/checkpoint.pt"
 LABELS = "labels/labels.parquet"
 CARD = "labels/card.json"
 METRICS = "metrics/labels.json"
-STAGE_OUTPUTS = [SHARD_DIR, CHECKPOINT, LABELS, CARD, METRICS]
+CLUSTER_SIZES = "metrics/cluster_sizes.csv"
+STAGE_OUTPUTS = [SHARD_DIR, CHECKPOINT, LABELS, CARD, METRICS, CLUSTER_SIZES]
