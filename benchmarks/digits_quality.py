@@ -1,0 +1,73 @@
+"""Label quality on the embedded default: SeLa (params.yaml's recipe) vs raw-pixel k-means, in the same run.
+
+    python benchmarks/digits_quality.py --seeds 0 1 2 3
+
+Trains with the pipeline's own core (sela.train / sela.export, no Prefect) once per seed, on the same shards the
+pipeline writes, and prints NMI / ACC / ARI of the evaluation head next to k-means on raw pixels (k = num_clusters,
+n_init = 10), plus the ratio. The ground truth (digit classes) is used only here, for scoring.
+"""
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.cluster import KMeans
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from sela import export, train  # noqa: E402
+from sela.config import load_params  # noqa: E402
+from sela.data import iter_source  # noqa: E402
+from sela.metrics import label_quality  # noqa: E402
+from sela.shards import read_shards, write_shards  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def self_label(params, images: torch.Tensor) -> np.ndarray:
+    """The pipeline's loop: relabel on schedule, one epoch at a time, then the exported balanced labels."""
+    device = torch.device("cpu")
+    checkpoint = train.new_checkpoint(params.train, len(images))
+    schedule = set(train.relabel_epochs(params.train.epochs, params.train.num_relabels, params.train.relabel_power))
+    for epoch in range(params.train.epochs):
+        if epoch in schedule:
+            train.relabel(checkpoint, images, params.train, device)
+        train.train_epoch(checkpoint, images, params.train, device)
+    labels, _, _ = export.final_labels(checkpoint.model, images, params, device)
+    return labels[params.export.evaluation_head]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    args = parser.parse_args()
+    base = load_params(ROOT / "params.yaml")
+    with tempfile.TemporaryDirectory() as directory:
+        write_shards(iter_source(base.shard.source, base.shard.image_size), Path(directory), 1000)
+        loaded = read_shards(Path(directory), base.train.image_size)
+    images, truth = torch.from_numpy(loaded.images), loaded.ground_truth
+    pixels = loaded.images.reshape(len(images), -1).astype(np.float32) / 255
+    kmeans = KMeans(base.train.num_clusters, n_init=10, random_state=0).fit_predict(pixels)
+    baseline = label_quality(kmeans, truth)
+    print(f"{'run':<16}{'NMI':>8}{'ACC':>8}{'ARI':>8}{'seconds':>9}")
+    print(f"{'k-means pixels':<16}{baseline['nmi']:>8.3f}{baseline['acc']:>8.3f}{baseline['ari']:>8.3f}{'':>9}")
+    results = []
+    for seed in args.seeds:
+        params = load_params(ROOT / "params.yaml", {"train.seed": seed})
+        start = time.perf_counter()
+        quality = label_quality(self_label(params, images), truth)
+        results.append(quality)
+        seconds = time.perf_counter() - start
+        name = f"sela seed {seed}"
+        print(f"{name:<16}{quality['nmi']:>8.3f}{quality['acc']:>8.3f}{quality['ari']:>8.3f}{seconds:>9.1f}")
+    for name in ("nmi", "acc"):
+        values = [result[name] for result in results]
+        print(f"{name.upper()}: mean {np.mean(values):.3f}, min {min(values):.3f}, "
+              f"ratio of mean to k-means {np.mean(values) / baseline[name]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
