@@ -36,8 +36,8 @@ def self_label(params, images: torch.Tensor) -> np.ndarray:
         if epoch in schedule:
             train.relabel(checkpoint, images, params.train, device)
         train.train_epoch(checkpoint, images, params.train, device)
-    labels, _, _ = export.final_labels(checkpoint.model, images, params, device)
-    return labels[params.export.evaluation_head]
+    final = export.final_labels(checkpoint.model, images, params, device)
+    return final.labels[final.selected_head]
 
 
 def main() -> None:

@@ -87,7 +87,10 @@ class TrainParams(Section):
 class ExportParams(Section):
     """Stage ``export``: the label set written for data teams."""
 
-    evaluation_head: int = Field(ge=0)
+    label_head: Annotated[int, Field(ge=0)] | Literal["lowest_loss"] = Field(
+        description="head whose labels are the set's `label` column and are scored: an index, or 'lowest_loss', "
+        "the head with the lowest SeLa objective (cross-entropy against its own balanced labels)"
+    )
 
 
 class VersionParams(Section):
@@ -106,10 +109,9 @@ class Params(Section):
 
     @model_validator(mode="after")
     def _head_exists(self) -> "Params":
-        if self.export.evaluation_head >= self.train.num_heads:
-            raise ValueError(
-                f"export.evaluation_head={self.export.evaluation_head} but train.num_heads={self.train.num_heads}"
-            )
+        head = self.export.label_head
+        if isinstance(head, int) and head >= self.train.num_heads:
+            raise ValueError(f"export.label_head={head} but train.num_heads={self.train.num_heads}")
         return self
 
 

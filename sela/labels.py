@@ -9,14 +9,21 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 
-def label_table(keys: list[str], labels: np.ndarray, confidence: np.ndarray) -> pa.Table:
+def label_table(keys: list[str], labels: np.ndarray, confidence: np.ndarray, selected_head: int) -> pa.Table:
     """keys (N,), labels (num_heads, N) int, confidence (num_heads, N) float -> table with one row per image.
 
-    Columns: ``key``, then ``label_head_<h>`` (int32) and ``confidence_head_<h>`` (float32) for every head.
+    Columns: ``key``, ``label`` and ``confidence`` (the selected head's: what most users want), then
+    ``label_head_<h>`` (int32) and ``confidence_head_<h>`` (float32) for every head.
     """
     if labels.shape != confidence.shape or labels.shape[1] != len(keys):
         raise ValueError(f"shape mismatch: {len(keys)} keys, labels {labels.shape}, confidence {confidence.shape}")
-    columns: dict[str, pa.Array] = {"key": pa.array(keys, pa.string())}
+    if not 0 <= selected_head < labels.shape[0]:
+        raise ValueError(f"selected_head {selected_head} out of range for {labels.shape[0]} heads")
+    columns: dict[str, pa.Array] = {
+        "key": pa.array(keys, pa.string()),
+        "label": pa.array(labels[selected_head].astype(np.int32)),
+        "confidence": pa.array(confidence[selected_head].astype(np.float32)),
+    }
     for head in range(labels.shape[0]):
         columns[f"label_head_{head}"] = pa.array(labels[head].astype(np.int32))
         columns[f"confidence_head_{head}"] = pa.array(confidence[head].astype(np.float32))

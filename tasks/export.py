@@ -31,12 +31,12 @@ def code_version(root: str) -> str:
 def metrics_markdown(metrics: dict[str, Any]) -> str:
     """Quality numbers and a bar per cluster of the evaluation head, for the Prefect UI."""
     lines = ["# Label set", "", "| metric | value |", "| --- | --- |"]
-    for name in ("num_images", "num_clusters", "nmi", "ari", "acc", "mean_confidence"):
+    for name in ("num_images", "num_clusters", "selected_head", "nmi", "ari", "acc", "mean_confidence"):
         if name in metrics:
             value = metrics[name]
             lines.append(f"| {name} | {value:.4f} |" if isinstance(value, float) else f"| {name} | {value} |")
-    sizes = metrics["cluster_sizes"][metrics["evaluation_head"]]
-    lines += ["", f"## Cluster sizes (head {metrics['evaluation_head']})", ""]
+    sizes = metrics["cluster_sizes"][metrics["selected_head"]]
+    lines += ["", f"## Cluster sizes (head {metrics['selected_head']}, the `label` column)", ""]
     lines += ["| cluster | images | |", "| --- | --- | --- |"]
     widest = max(sizes) or 1
     lines += [f"| {k} | {size} | {'█' * max(1, round(30 * size / widest))} |" for k, size in enumerate(sizes)]
@@ -56,9 +56,10 @@ def export_labels(root: str, params: Params) -> dict[str, Any]:
     shards = read_shards(base / SHARD_DIR, params.train.image_size)
     checkpoint = train.load_checkpoint(base / CHECKPOINT, params.train, device)
     images = torch.from_numpy(shards.images)
-    head_labels, confidence, diagnostics = export.final_labels(checkpoint.model, images, params, device)
-    labels.write_label_set(labels.label_table(shards.keys, head_labels, confidence), base / LABELS)
-    metrics = export.label_metrics(head_labels, confidence, shards.ground_truth, params)
+    final = export.final_labels(checkpoint.model, images, params, device)
+    table = labels.label_table(shards.keys, final.labels, final.confidence, final.selected_head)
+    labels.write_label_set(table, base / LABELS)
+    metrics = export.label_metrics(final, shards.ground_truth, params.train.num_clusters)
     epochs = [entry for entry in checkpoint.history if entry["kind"] == "epoch"]
     card = {
         "params": params.model_dump(mode="json"),
@@ -70,11 +71,11 @@ def export_labels(root: str, params: Params) -> dict[str, Any]:
             "relabels": sum(entry["kind"] == "relabel" for entry in checkpoint.history),
             "final_loss": epochs[-1]["loss"] if epochs else None,
         },
-        "sinkhorn": diagnostics,
+        "sinkhorn": final.diagnostics,
     }
     labels.write_card(card, base / CARD)
     (base / METRICS).parent.mkdir(parents=True, exist_ok=True)
-    names = ("num_images", "nmi", "ari", "acc", "mean_confidence")
+    names = ("num_images", "nmi", "ari", "acc", "mean_confidence", "selected_head")
     summary = {name: metrics[name] for name in names if name in metrics}
     (base / METRICS).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     (base / CLUSTER_SIZES).write_text(cluster_sizes_csv(metrics["cluster_sizes"]))

@@ -51,6 +51,9 @@ def test_override_applies_without_touching_the_input():
     assert raw["train"]["epochs"] == raw_params()["train"]["epochs"]
 
 
-def test_evaluation_head_must_exist():
-    with pytest.raises(ParamsError, match="evaluation_head"):
-        parse_params(raw_params(), {"export.evaluation_head": 99})
+def test_label_head_must_exist():
+    with pytest.raises(ParamsError, match="label_head"):
+        parse_params(raw_params(), {"export.label_head": 99})
+    with pytest.raises(ParamsError, match="label_head"):
+        parse_params(raw_params(), {"export.label_head": "best"})
+    assert parse_params(raw_params(), {"export.label_head": 1}).export.label_head == 1
