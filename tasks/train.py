@@ -1,5 +1,6 @@
 """Tasks: start a run, train one epoch, relabel. Each loads the checkpoint, makes one ``sela`` call, saves it."""
 
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -38,21 +39,22 @@ def start_training(root: str, params: TrainParams) -> dict[str, Any]:
     return {"num_images": int(images.shape[0]), "parameters": parameters, "device": device_name()}
 
 
+def _checkpoint_step(root: str, params: TrainParams, step: Callable[..., dict[str, Any]]) -> dict[str, Any]:
+    """Load the checkpoint, apply one ``sela.train`` step to it, save it: the shape of every training task."""
+    device = torch.device(device_name())
+    checkpoint = train.load_checkpoint(Path(root) / CHECKPOINT, params, device)
+    summary = step(checkpoint, load_images(root, params.image_size), params, device)
+    train.save_checkpoint(checkpoint, Path(root) / CHECKPOINT)
+    return summary
+
+
 @task(name="relabel", cache_policy=NO_CACHE)
 def relabel(root: str, params: TrainParams) -> dict[str, Any]:
     """Sinkhorn-Knopp relabel of every head from the current network (CuPy on GPU, numpy on CPU)."""
-    device = torch.device(device_name())
-    checkpoint = train.load_checkpoint(Path(root) / CHECKPOINT, params, device)
-    summary = train.relabel(checkpoint, load_images(root, params.image_size), params, device)
-    train.save_checkpoint(checkpoint, Path(root) / CHECKPOINT)
-    return summary
+    return _checkpoint_step(root, params, train.relabel)
 
 
 @task(name="train-epoch", cache_policy=NO_CACHE)
-def train_epoch(root: str, params: TrainParams) -> dict[str, float]:
+def train_epoch(root: str, params: TrainParams) -> dict[str, Any]:
     """One epoch of SGD on the current labels; the checkpoint is saved after every epoch."""
-    device = torch.device(device_name())
-    checkpoint = train.load_checkpoint(Path(root) / CHECKPOINT, params, device)
-    summary = train.train_epoch(checkpoint, load_images(root, params.image_size), params, device)
-    train.save_checkpoint(checkpoint, Path(root) / CHECKPOINT)
-    return summary
+    return _checkpoint_step(root, params, train.train_epoch)
