@@ -147,7 +147,9 @@ def sinkhorn_knopp(
     error, stabilisations, converged, iteration = float("inf"), 0, False, 0
     while iteration < max_iterations:
         iteration += 1
-        log_u_before = f + xp.log(u)
+        checking = iteration % check_every == 0
+        if checking and stop_rule == "official":
+            log_u_before = f + xp.log(u)
         v_new = inv_clusters / (u.astype(work) @ kernel).astype(xp.float64)
         u_new = inv_rows / (kernel @ v_new.astype(work)).astype(xp.float64)
         finite = bool(xp.all(xp.isfinite(u_new)) & xp.all(xp.isfinite(v_new)))
@@ -165,7 +167,7 @@ def sinkhorn_knopp(
             kernel = _build_kernel(xp, scores, f, g)
             u, v = xp.ones_like(u), xp.ones_like(v)
             stabilisations += 1
-        if iteration % check_every:
+        if not checking:
             continue
         if stop_rule == "official":
             error = float(xp.sum(xp.abs(xp.exp(log_u_before - (f + xp.log(u))) - 1.0)))
@@ -177,10 +179,10 @@ def sinkhorn_knopp(
         if error < tolerance:
             converged = True
             break
-    return _finish(xp, scores, f, g, u, v, kernel, iteration, converged, error, stabilisations)
+    return _finish(xp, scores, f, g, u, v, kernel, iteration, converged, error, stabilisations, chunk_rows)
 
 
-def _finish(xp, scores, f, g, u, v, kernel, iterations, converged, error, stabilisations) -> SinkhornResult:
+def _finish(xp, scores, f, g, u, v, kernel, iterations, converged, error, stabilisations, chunk_rows) -> SinkhornResult:
     work = scores.dtype
     column = v * (u.astype(work) @ kernel).astype(xp.float64)
     log_cluster = g + xp.log(v)
@@ -188,11 +190,11 @@ def _finish(xp, scores, f, g, u, v, kernel, iterations, converged, error, stabil
     labels = xp.empty(scores.shape[0], dtype=xp.int64)
     confidence = xp.empty(scores.shape[0], dtype=xp.float32)
     shift = log_cluster.astype(work)
-    for start in range(0, scores.shape[0], 65_536):
-        block = scores[start : start + 65_536] + shift[None, :]
-        labels[start : start + 65_536] = xp.argmax(block, axis=1)
-        best = xp.max(block, axis=1)
-        confidence[start : start + 65_536] = xp.exp(best - _logsumexp(xp, block, axis=1))
+    for start in range(0, scores.shape[0], chunk_rows):
+        rows = slice(start, start + chunk_rows)
+        block = scores[rows] + shift[None, :]
+        labels[rows] = xp.argmax(block, axis=1)
+        confidence[rows] = xp.exp(xp.max(block, axis=1) - _logsumexp(xp, block, axis=1))
     return SinkhornResult(
         labels=labels,
         confidence=confidence,

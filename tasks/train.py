@@ -17,16 +17,15 @@ from tasks.paths import CHECKPOINT, SHARD_DIR
 
 
 @lru_cache(maxsize=2)
-def _cached_images(shard_dir: str, manifest_sha256: str, image_size: int) -> tuple[torch.Tensor, tuple]:
+def _cached_images(shard_dir: str, manifest_sha256: str, image_size: int) -> torch.Tensor:
     # Keyed by the manifest hash: new shards are never served from a stale cache.
-    loaded = read_shards(Path(shard_dir), image_size)
-    return torch.from_numpy(loaded.images), tuple(loaded.ground_truth)
+    return torch.from_numpy(read_shards(Path(shard_dir), image_size).images)
 
 
 def load_images(root: str, image_size: int) -> torch.Tensor:
     """All images of the shards, uint8 (N, H, W, 3), row i = manifest index i; decoded once per process."""
     shard_dir = Path(root) / SHARD_DIR
-    return _cached_images(str(shard_dir), manifest_hash(shard_dir), image_size)[0]
+    return _cached_images(str(shard_dir), manifest_hash(shard_dir), image_size)
 
 
 @task(name="start-training", cache_policy=NO_CACHE)
