@@ -15,10 +15,11 @@ export PREFECT_API_URL := http://127.0.0.1:$(PORT)/api
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements.txt
+	$(BIN)/pip install --quiet --no-deps -e .  # the `sela` command (label registry)
 	touch $@
 
 server: setup

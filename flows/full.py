@@ -4,7 +4,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from flows.common import resolve
+from flows.common import resolve, write_overrides
 from flows.export import export_flow
 from flows.shard import shard_flow
 from flows.train import train_flow
@@ -14,8 +14,13 @@ from tasks.version import publish
 
 @flow(name="sela")
 def sela(root: str = ".", overrides: ParamsOverrides | None = None, publish_version: bool = True) -> dict[str, Any]:
-    """Unlabelled images in, a versioned label set out. ``overrides``: e.g. {"train": {"epochs": 5}}."""
+    """Unlabelled images in, a versioned label set out. ``overrides``: e.g. {"train": {"epochs": 5}}.
+
+    With ``publish_version`` the overrides are written into params.yaml first, so the version records them.
+    """
     root, params = resolve(root, overrides)  # fail fast, before any work, on a bad parameter
+    if publish_version:
+        write_overrides(root, overrides)
     logger = get_run_logger()
     data = shard_flow(root, overrides)
     logger.info("shards: %s", data)

@@ -4,8 +4,8 @@ import json
 import os
 from pathlib import Path
 
+from registry.publish import latest_version
 from tasks.paths import CARD, LABELS, METRICS
-from tasks.versioning import latest_version
 
 
 def main(root: Path = Path(".")) -> None:
@@ -20,7 +20,8 @@ def main(root: Path = Path(".")) -> None:
                for name, value in sorted(metrics.items())]
     print("quality   : " + ", ".join(quality))
     if tag:
-        print(f"pull it   : dvc get {root} {LABELS} --rev {tag} -o labels.parquet")
+        print(f"pull it   : .venv/bin/sela labels pull {root} --version {tag} -o labels.parquet")
+        print(f"   or     : dvc get {root} {LABELS} --rev {tag} -o labels.parquet")
     ui = os.environ.get("PREFECT_API_URL", "http://127.0.0.1:4200/api").removesuffix("/api")
     print(f"Prefect UI: {ui} (flow runs, task runs per epoch and relabel, artifacts)")
 

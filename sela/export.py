@@ -1,12 +1,13 @@
 """From a trained checkpoint to the exported label set, its metrics and its card."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as functional
 
+from sela.align import alignment
 from sela.config import Params
 from sela.metrics import cluster_sizes, label_quality
 from sela.models import MultiHeadNet
@@ -66,3 +67,30 @@ def label_metrics(final: FinalLabels, ground_truth: list[str | None], num_cluste
     if ground_truth and all(truth is not None for truth in ground_truth):
         metrics.update(label_quality(final.labels[head], ground_truth))
     return metrics
+
+
+def align_to_parent(
+    final: FinalLabels, keys: list[str], parent_keys: list[str], parent_labels: list[np.ndarray],
+    parent_label: np.ndarray, num_clusters: int,
+) -> tuple[FinalLabels, list[dict[str, Any]]]:
+    """Rename each head's clusters to agree best with the parent version on the images both contain.
+
+    keys (N,) of ``final``; parent_keys (M,), parent_labels one (M,) array per parent head, parent_label (M,) the
+    parent's ``label`` column. The selected head is aligned to the parent's ``label`` column (the ids users join on
+    stay put even when another head is selected this time), every other head h to the parent's head h; a head the
+    parent lacks keeps its ids. Returns the aligned labels (same partition, same confidences) and per head
+    ``output_to_label`` (network output j is exported as label ``output_to_label[j]``) with the agreement reached.
+    """
+    _, index, parent_index = np.intersect1d(np.asarray(keys), np.asarray(parent_keys), return_indices=True)
+    labels, report = final.labels.copy(), []
+    for head, head_labels in enumerate(final.labels):
+        reference = parent_label if head == final.selected_head else (
+            parent_labels[head] if head < len(parent_labels) else None)
+        permutation, agreement = np.arange(num_clusters), None
+        if reference is not None and len(index):
+            reference = np.asarray(reference)[parent_index].astype(np.int64)
+            permutation = alignment(head_labels[index], reference, num_clusters)
+            labels[head] = permutation[head_labels]
+            agreement = float((labels[head][index] == reference).mean())
+        report.append({"head": head, "output_to_label": permutation.tolist(), "agreement_with_parent": agreement})
+    return replace(final, labels=labels), report

@@ -10,6 +10,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from registry.read import latest_label_set
 from sela import export, labels, train
 from sela.config import Params
 from sela.shards import manifest_hash, read_shards
@@ -49,6 +50,20 @@ def cluster_sizes_csv(sizes: list[list[int]]) -> str:
     return "\n".join(rows) + "\n"
 
 
+def _align_to_parent(root: str, final: export.FinalLabels, keys: list[str], params: Params) -> tuple[
+        export.FinalLabels, dict[str, Any]]:
+    """Keep cluster ids stable: rename clusters to match the latest published version (none before the first)."""
+    parent = latest_label_set(root, params.version.tag_prefix)
+    if parent is None:
+        return final, {"parent_version": None, "cluster_id_alignment": None}
+    tag, table = parent
+    heads = sorted(int(name.removeprefix("label_head_")) for name in table.columns if name.startswith("label_head_"))
+    parent_labels = [table[f"label_head_{head}"].to_numpy() for head in heads]
+    aligned, report = export.align_to_parent(final, keys, table["key"].tolist(), parent_labels,
+                                             table["label"].to_numpy(), params.train.num_clusters)
+    return aligned, {"parent_version": tag, "cluster_id_alignment": report}
+
+
 @task(name="export-labels", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)
 def export_labels(root: str, params: Params) -> dict[str, Any]:
     """Write labels/labels.parquet, labels/card.json and metrics/labels.json. Returns the metrics."""
@@ -57,6 +72,7 @@ def export_labels(root: str, params: Params) -> dict[str, Any]:
     checkpoint = train.load_checkpoint(base / CHECKPOINT, params.train, device)
     images = torch.from_numpy(shards.images)
     final = export.final_labels(checkpoint.model, images, params, device)
+    final, parent = _align_to_parent(root, final, shards.keys, params)
     table = labels.label_table(shards.keys, final.labels, final.confidence, final.selected_head)
     labels.write_label_set(table, base / LABELS)
     metrics = export.label_metrics(final, shards.ground_truth, params.train.num_clusters)
@@ -66,6 +82,7 @@ def export_labels(root: str, params: Params) -> dict[str, Any]:
         "data_manifest_sha256": manifest_hash(base / SHARD_DIR),
         "metrics": metrics,
         "code_version": code_version(root),
+        **parent,
         "training": {
             "epochs": checkpoint.epoch,
             "relabels": sum(entry["kind"] == "relabel" for entry in checkpoint.history),

@@ -1,10 +1,10 @@
-"""Task: record, commit, push and tag the label set with its checkpoint (see ``tasks.versioning``)."""
+"""Task: record, commit, push and tag the label set with its checkpoint (see ``registry.publish``)."""
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from registry.publish import publish_version
 from tasks.paths import STAGE_OUTPUTS
-from tasks.versioning import publish_version
 
 
 @task(name="version", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)

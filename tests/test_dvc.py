@@ -7,8 +7,8 @@ from pathlib import Path
 
 import dvc.api
 
+from registry.publish import publish_version
 from tasks.paths import STAGE_OUTPUTS
-from tasks.versioning import publish_version
 from tests.conftest import make_project
 
 

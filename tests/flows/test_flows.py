@@ -42,9 +42,11 @@ def test_bad_parameter_fails_fast_naming_it(prefect_api_url, tmp_path):
     from flows.full import sela
 
     project = make_project(tmp_path / "project")
+    before = (project / "params.yaml").read_text()
     with pytest.raises(Exception, match="num_clusters") as raised:
         sela(root=str(project), overrides={"train": {"num_clusters": -3}})
     assert "greater than or equal to 2" in str(raised.value)
+    assert (project / "params.yaml").read_text() == before  # a refused override is not written anywhere
     assert not (project / "data/shards").exists()  # nothing started, nothing half-written
 
 

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from sela.config import load_params
-from sela.export import final_labels, label_metrics
+from sela.export import align_to_parent, final_labels, label_metrics
 from sela.models import MultiHeadNet
 from tests.conftest import PROJECT_ROOT
 
@@ -47,3 +47,31 @@ def test_fixed_head_is_respected_and_scored():
     assert final.selected_head == 2 and metrics["selected_head"] == 2
     assert metrics["acc"] == 1.0 and metrics["cluster_sizes"][2] == [30] * 10
     assert "nmi" not in label_metrics(final, [None] * 300, params.train.num_clusters)
+
+
+def test_alignment_to_a_renamed_parent_restores_its_ids():
+    params, model, images, _ = setup("lowest_loss")
+    final = final_labels(model, images, params, torch.device("cpu"))
+    keys = [f"img{i}" for i in range(300)]
+    rng = np.random.default_rng(0)
+    parent = [rng.permutation(10)[head_labels] for head_labels in final.labels[:2]]  # parent had 2 heads
+    order = rng.permutation(300)[:250]  # the parent knew only 250 of the images, in another order
+    parent_keys, parent_heads = [keys[i] for i in order], [p[order] for p in parent]
+    aligned, report = align_to_parent(final, keys, parent_keys, parent_heads, parent_heads[1], 10)
+    assert final.selected_head == 1  # aligned to the parent's `label` column, here the parent's head 1 as well
+    for head in range(2):
+        assert np.array_equal(aligned.labels[head], parent[head])  # the 50 new images get the aligned ids too
+        assert report[head]["agreement_with_parent"] == 1.0
+        assert np.array_equal(np.asarray(report[head]["output_to_label"])[final.labels[head]], parent[head])
+    assert np.array_equal(aligned.labels[2], final.labels[2]) and report[2]["agreement_with_parent"] is None
+    assert np.array_equal(aligned.confidence, final.confidence)
+
+
+def test_selected_head_follows_the_parents_label_column_not_its_head_number():
+    params, model, images, _ = setup(0)
+    final = final_labels(model, images, params, torch.device("cpu"))
+    keys = [f"img{i}" for i in range(300)]
+    renamed = np.random.default_rng(1).permutation(10)[final.labels[0]]
+    other_head = np.zeros(300, dtype=np.int64)  # the parent's head 0 says nothing: its `label` came from head 2
+    aligned, report = align_to_parent(final, keys, keys, [other_head, other_head, renamed], renamed, 10)
+    assert np.array_equal(aligned.labels[0], renamed) and report[0]["agreement_with_parent"] == 1.0

@@ -1,4 +1,4 @@
-"""tasks.versioning against a real throw-away git + DVC repo (dvc/git via subprocess, no network).
+"""registry.publish against a real throw-away git + DVC repo (dvc/git via subprocess, no network).
 
 Consumers are always checked from a cache-less `git clone` in another folder, with the producer's DVC cache
 deleted: a local path with a cache would hide a missing push.
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.versioning import ensure_default_remote, latest_version, publish_version
+from registry.publish import ensure_default_remote, latest_version, publish_version
 
 LABELS = "labels/labels.parquet"
 OUTPUTS = ["out/a.txt", LABELS, "metrics/metrics.json"]
