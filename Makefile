@@ -11,7 +11,7 @@ export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 90
 export PREFECT_API_URL := http://127.0.0.1:$(PORT)/api
 
-.PHONY: run test setup server serve stop repro lint
+.PHONY: run test setup browser server serve stop repro lint
 
 setup: $(VENV)/.installed
 
@@ -44,6 +44,12 @@ repro: setup
 lint: setup
 	$(BIN)/ruff check .
 
-test: setup
+# Debian's chromium renders the label report in a test (headless). apt needs root; CI runs as root.
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] || { echo "install chromium (Debian: apt-get install chromium) or run as root"; exit 1; }; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; }; }
+
+test: setup browser
 	$(BIN)/ruff check .
 	unset PREFECT_API_URL; $(BIN)/python -m pytest -q tests

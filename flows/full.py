@@ -1,13 +1,15 @@
-"""Flow ``sela`` (deployment ``sela/full``): shard -> train -> export -> version, the whole pipeline."""
+"""Flow ``sela`` (deployment ``sela/full``): shard -> train -> export -> evaluate -> transfer -> version."""
 
 from typing import Any
 
 from prefect import flow, get_run_logger
 
 from flows.common import resolve, write_overrides
+from flows.evaluate import evaluate_flow
 from flows.export import export_flow
 from flows.shard import shard_flow
 from flows.train import train_flow
+from flows.transfer import transfer_flow
 from sela.config import ParamsOverrides
 from tasks.version import publish
 
@@ -26,8 +28,12 @@ def sela(root: str = ".", overrides: ParamsOverrides | None = None, publish_vers
     logger.info("shards: %s", data)
     training = train_flow(root, overrides)
     metrics = export_flow(root, overrides)
+    evaluation = evaluate_flow(root, overrides)
+    transfer = transfer_flow(root, overrides)
+    logger.info("evaluation: %s; transfer: %s", evaluation, transfer)
     quality = ", ".join(f"{name} {metrics[name]:.3f}" for name in ("nmi", "acc", "ari") if name in metrics)
-    result = {"data": data, "training": training, "metrics": {k: v for k, v in metrics.items() if k != "cluster_sizes"}}
+    result = {"data": data, "training": training, "metrics": {k: v for k, v in metrics.items() if k != "cluster_sizes"},
+              "evaluation": evaluation, "transfer": transfer}
     if publish_version:
         summary = f"{data['num_images']} images, {params.train.num_clusters} clusters"
         summary += f", {quality}" if quality else ""

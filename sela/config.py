@@ -64,7 +64,7 @@ class TrainParams(Section):
     """Stage ``train``: network, optimiser and relabel schedule."""
 
     seed: int
-    architecture: Literal["small_cnn", "resnet18"]
+    architecture: Literal["small_cnn", "small_resnet", "resnet18"]
     width: PositiveInt
     image_size: PositiveInt
     num_heads: PositiveInt
@@ -93,6 +93,28 @@ class ExportParams(Section):
     )
 
 
+class EvaluateParams(Section):
+    """Stage ``evaluate``: metrics of the label set and its features, and the visual report."""
+
+    knn_neighbours: PositiveInt = Field(description="k of the weighted kNN on learned features (paper: 50)")
+    knn_temperature: PositiveFloat = Field(description="weights exp(cosine / temperature) (paper: 0.1)")
+    knn_dimensions: PositiveInt = Field(description="features are randomly projected to this many (paper: 128)")
+    holdout_fraction: float = Field(gt=0, lt=1, description="images held out to score the linear probe")
+    montage_images: PositiveInt = Field(le=64, description="most and least confident images shown per cluster")
+
+
+class TransferParams(Section):
+    """Stage ``transfer``: a fresh network of another architecture trained on the exported labels."""
+
+    seed: int
+    architecture: Literal["small_cnn", "small_resnet", "resnet18"]
+    width: PositiveInt
+    epochs: PositiveInt
+    batch_size: PositiveInt
+    learning_rate: PositiveFloat
+    holdout_fraction: float = Field(gt=0, lt=1, description="images never trained on; agreement is measured there")
+
+
 class VersionParams(Section):
     """Step ``version``: how published label sets are tagged."""
 
@@ -105,6 +127,8 @@ class Params(Section):
     shard: ShardParams
     train: TrainParams
     export: ExportParams
+    evaluate: EvaluateParams
+    transfer: TransferParams
     version: VersionParams
 
     @model_validator(mode="after")

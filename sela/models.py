@@ -3,6 +3,7 @@
 import torch
 from torch import nn
 from torchvision.models import resnet18
+from torchvision.models.resnet import BasicBlock
 
 
 def _conv_block(inputs: int, outputs: int) -> nn.Sequential:
@@ -46,6 +47,34 @@ class CifarResNet18(nn.Module):
         return self.network(images)
 
 
+class SmallResNet(nn.Module):
+    """Residual counterpart of SmallCNN at similar cost: a 3x3 stem and three basic blocks (strides 1, 2, 2).
+
+    Feature size 4 * width. Used to check that labels transfer to another architecture.
+    """
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+
+        def block(inputs: int, outputs: int, stride: int) -> BasicBlock:
+            shortcut = None if stride == 1 and inputs == outputs else nn.Sequential(
+                nn.Conv2d(inputs, outputs, 1, stride=stride, bias=False), nn.BatchNorm2d(outputs))
+            return BasicBlock(inputs, outputs, stride=stride, downsample=shortcut)
+
+        self.features = nn.Sequential(
+            _conv_block(3, width),
+            block(width, width, 1),
+            block(width, 2 * width, 2),
+            block(2 * width, 4 * width, 2),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
+        self.feature_size = 4 * width
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.features(images)
+
+
 class MultiHeadNet(nn.Module):
     """Backbone + heads. forward: (B, 3, H, W) -> list of ``num_heads`` logits tensors (B, num_clusters)."""
 
@@ -60,11 +89,13 @@ class MultiHeadNet(nn.Module):
 
 
 def build_model(architecture: str, width: int, num_heads: int, num_clusters: int) -> MultiHeadNet:
-    """Randomly initialised network for ``architecture`` in {'small_cnn', 'resnet18'}."""
+    """Randomly initialised network for ``architecture`` in {'small_cnn', 'small_resnet', 'resnet18'}."""
     if architecture == "small_cnn":
         backbone: nn.Module = SmallCNN(width)
+    elif architecture == "small_resnet":
+        backbone = SmallResNet(width)
     elif architecture == "resnet18":
         backbone = CifarResNet18()
     else:
-        raise ValueError(f"unknown architecture {architecture!r}: expected 'small_cnn' or 'resnet18'")
+        raise ValueError(f"unknown architecture {architecture!r}: expected 'small_cnn', 'small_resnet' or 'resnet18'")
     return MultiHeadNet(backbone, backbone.feature_size, num_heads, num_clusters)

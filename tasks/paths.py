@@ -6,4 +6,9 @@ LABELS = "labels/labels.parquet"
 CARD = "labels/card.json"
 METRICS = "metrics/labels.json"
 CLUSTER_SIZES = "metrics/cluster_sizes.csv"
-STAGE_OUTPUTS = [SHARD_DIR, CHECKPOINT, LABELS, CARD, METRICS, CLUSTER_SIZES]
+REPORT_DIR = "reports/labels"
+EVALUATION = "metrics/evaluation.json"
+TRANSFER_MODEL = "models/transfer.pt"
+TRANSFER_METRICS = "metrics/transfer.json"
+STAGE_OUTPUTS = [SHARD_DIR, CHECKPOINT, LABELS, CARD, METRICS, CLUSTER_SIZES, REPORT_DIR, EVALUATION, TRANSFER_MODEL,
+                 TRANSFER_METRICS]

@@ -46,7 +46,7 @@ PROJECT_FILES = ["sela", "tasks", "flows", "registry", "params.yaml", "dvc.yaml"
                  ".dvc/.gitignore", ".gitignore", "data/.gitignore", "models/.gitignore", "labels/.gitignore"]
 
 TINY_TRAINING = {"train.width": 8, "train.image_size": 16, "train.num_heads": 2, "train.epochs": 3,
-                 "train.num_relabels": 2, "train.relabel_views": 1}
+                 "train.num_relabels": 2, "train.relabel_views": 1, "transfer.epochs": 2, "transfer.width": 8}
 
 
 @pytest.fixture(scope="session")

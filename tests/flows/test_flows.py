@@ -32,8 +32,15 @@ def test_full_flow_publishes_a_pullable_version(prefect_api_url, tmp_path):
     card = json.loads((project / "labels/card.json").read_text())
     assert card["training"] == {"epochs": 3, "relabels": 2, "final_loss": card["training"]["final_loss"]}
     assert 0 <= card["metrics"]["nmi"] <= 1 and card["data_manifest_sha256"]
+    assert 0 <= result["evaluation"]["knn_accuracy"] <= 1 and "linear_probe_accuracy" in result["evaluation"]
+    assert (project / "reports/labels/report.html").stat().st_size > 0
+    assert len(list((project / "reports/labels").glob("cluster_[0-9]*.png"))) == 10
+    transfer = json.loads((project / "metrics/transfer.json").read_text())
+    assert transfer["architecture"] == "small_resnet" and 0 <= transfer["heldout_agreement"] <= 1
     names = asyncio.run(_task_run_names())
     assert {"epoch-0", "epoch-1", "epoch-2", "relabel-before-epoch-0"} <= set(names)
+    assert any(name.startswith("evaluate-labels") for name in names)
+    assert any(name.startswith("transfer-labels") for name in names)
     status = subprocess.run(["git", "status", "--porcelain"], cwd=project, capture_output=True, text=True)
     assert status.stdout.strip() == ""  # the version step left nothing uncommitted
 

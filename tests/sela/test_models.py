@@ -6,7 +6,7 @@ import torch
 from sela.models import build_model
 
 
-@pytest.mark.parametrize("architecture", ["small_cnn", "resnet18"])
+@pytest.mark.parametrize("architecture", ["small_cnn", "small_resnet", "resnet18"])
 def test_heads_shapes(architecture):
     model = build_model(architecture, width=8, num_heads=3, num_clusters=7).eval()
     outputs = model(torch.randn(2, 3, 32, 32))
