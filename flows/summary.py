@@ -5,7 +5,7 @@ import os
 from pathlib import Path
 
 from registry.publish import latest_version
-from tasks.paths import CARD, LABELS, METRICS
+from tasks.paths import CARD, EVALUATION, LABELS, METRICS, REPORT_DIR, TRANSFER_METRICS
 
 
 def main(root: Path = Path(".")) -> None:
@@ -19,6 +19,12 @@ def main(root: Path = Path(".")) -> None:
     quality = [f"{name} {value:.4f}" if isinstance(value, float) else f"{name} {value}"
                for name, value in sorted(metrics.items())]
     print("quality   : " + ", ".join(quality))
+    for name, path in (("evaluation", EVALUATION), ("transfer", TRANSFER_METRICS)):
+        if (root / path).exists():
+            values = json.loads((root / path).read_text())
+            shown = [f"{key} {value:.4f}" for key, value in sorted(values.items()) if isinstance(value, float)]
+            print(f"{name:<10}: " + ", ".join(shown))
+    print(f"report    : {root / REPORT_DIR / 'report.html'}")
     if tag:
         print(f"pull it   : .venv/bin/sela labels pull {root} --version {tag} -o labels.parquet")
         print(f"   or     : dvc get {root} {LABELS} --rev {tag} -o labels.parquet")
