@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 TILE = 64  # px per thumbnail: small sources (16-32 px) are upscaled with nearest neighbour so pixels stay visible
+GAP = 6  # px of white between the confident row and the unconfident row
 
 
 def cluster_montage(images: np.ndarray, confidence: np.ndarray, members: np.ndarray, count: int) -> Image.Image:
@@ -25,11 +26,11 @@ def cluster_montage(images: np.ndarray, confidence: np.ndarray, members: np.ndar
     """
     order = members[np.argsort(-confidence[members], kind="stable")]
     rows = [order[:count], order[::-1][:count]]
-    canvas = Image.new("RGB", (count * TILE, 2 * TILE), (255, 255, 255))
+    canvas = Image.new("RGB", (count * TILE, 2 * TILE + GAP), (255, 255, 255))
     for row, indices in enumerate(rows):
         for column, index in enumerate(indices):
             tile = Image.fromarray(images[index]).resize((TILE, TILE), Image.Resampling.NEAREST)
-            canvas.paste(tile, (column * TILE, row * TILE))
+            canvas.paste(tile, (column * TILE, row * (TILE + GAP)))
     return canvas
 
 
@@ -75,7 +76,8 @@ def agreement_chart(matrix: list[list[float]]) -> bytes:
         image = axes.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
         for (row, column), value in np.ndenumerate(np.asarray(matrix)):
             axes.text(column, row, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.6 else "k")
-        axes.set(xlabel="head", ylabel="head", title="Agreement between heads")
+        heads = range(len(matrix))
+        axes.set(xlabel="head", ylabel="head", title="Agreement between heads", xticks=heads, yticks=heads)
         axes.figure.colorbar(image, ax=axes)
 
     return _figure_png(draw, (4, 3.4))

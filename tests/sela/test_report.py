@@ -28,8 +28,8 @@ def test_montage_puts_most_confident_first_and_least_confident_last():
     images[:, :, :, 1] = (confidence * 255).astype(np.uint8)[:, None, None]  # green = confidence
     members = np.flatnonzero(labels == 2)
     montage = np.asarray(cluster_montage(images, confidence, members, 4))
-    assert montage.shape == (128, 256, 3)
-    top_left, bottom_left = montage[32, 32, 1], montage[96, 32, 1]
+    assert montage.shape == (134, 256, 3)  # two rows of 64 px tiles, 6 px apart
+    top_left, bottom_left = montage[32, 32, 1], montage[100, 32, 1]
     assert top_left == int(confidence[members].max() * 255) and bottom_left == int(confidence[members].min() * 255)
 
 
