@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -58,9 +59,11 @@ def _format_diff(diff: dict[str, Any]) -> str:
         f"as published: {100 * diff['agreement_as_published']:.2f}%",
         f"NMI {diff['nmi']:.4f}  ARI {diff['ari']:.4f}",
     ]
-    for kind, label in (("split", "split into"), ("merged", "merged from")):
-        for cluster, parts in diff[kind].items():
-            lines.append(f"cluster {cluster} {label} {', '.join(map(str, parts))}")
+    a, b = diff["version_a"], diff["version_b"]
+    for cluster, parts in diff["split"].items():
+        lines.append(f"split:  {a} cluster {cluster} -> {b} clusters {', '.join(map(str, parts))}")
+    for cluster, parts in diff["merged"].items():
+        lines.append(f"merged: {b} cluster {cluster} <- {a} clusters {', '.join(map(str, parts))}")
     if not diff["split"] and not diff["merged"]:
         lines.append("no cluster split or merged")
     return "\n".join(lines)
@@ -90,4 +93,6 @@ def main(arguments: list[str] | None = None) -> int:
     except RegistryError as error:
         print(f"sela: {error}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `sela labels show ... | head`: the reader left, which is not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
