@@ -38,10 +38,10 @@ def noisy_logits(num_images: int, num_clusters: int, signal: float, seed: int = 
     return logits.astype(np.float32)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_plan_has_equipartition_marginals(xp, dtype):
+@pytest.mark.parametrize("storage", ["float32", "float64"])
+def test_plan_has_equipartition_marginals(xp, storage):
     logits = noisy_logits(3000, 20, signal=2.0)
-    result = sinkhorn_knopp(xp.asarray(logits), 25.0, dtype=dtype, stop_rule="marginal", tolerance=1e-4)
+    result = sinkhorn_knopp(xp.asarray(logits), 25.0, storage=storage, stop_rule="marginal", tolerance=1e-4)
     plan = to_numpy(transport_plan(xp.asarray(logits), 25.0, result))
     assert result.converged
     np.testing.assert_allclose(plan.sum(axis=1), 1 / 3000, rtol=1e-6)
@@ -53,7 +53,7 @@ def test_plan_has_equipartition_marginals(xp, dtype):
 def test_labels_equal_the_paper_update_in_float64(xp):
     logits = noisy_logits(2000, 10, signal=1.0, seed=1)
     reference, _, _ = paper_update(logits, 25.0)
-    ours = sinkhorn_knopp(xp.asarray(logits), 25.0, dtype=np.float32, tolerance=1e-3)
+    ours = sinkhorn_knopp(xp.asarray(logits), 25.0, storage="float32", tolerance=1e-3)
     agreement = np.mean(to_numpy(ours.labels) == reference)
     assert ours.converged and agreement >= 0.999
 
@@ -62,7 +62,7 @@ def test_peaked_logits_break_the_paper_update_in_float32_but_not_ours(xp):
     logits = noisy_logits(4000, 50, signal=12.0, seed=2) * 3  # a confident network: S spans hundreds
     labels32, plan32, _ = paper_update(logits, 25.0, dtype=np.float32, limit=200)
     assert not np.isfinite(plan32).all() or len(np.unique(labels32)) < 50  # the paper's float32 update fails
-    result = sinkhorn_knopp(xp.asarray(logits), 25.0, dtype=np.float32, stop_rule="marginal", tolerance=1e-2)
+    result = sinkhorn_knopp(xp.asarray(logits), 25.0, storage="float32", stop_rule="marginal", tolerance=1e-2)
     labels = to_numpy(result.labels)
     assert result.converged and result.stabilisations > 0
     assert np.isfinite(to_numpy(result.confidence)).all()
