@@ -138,12 +138,12 @@ class SinkhornMemoryError(MemoryError):
 
 
 def required_bytes(num_rows: int, num_clusters: int, storage: str, *, chunk_rows: int) -> int:
-    """Bytes a solve allocates for N x K rows: the stored kernel E (N x K x bytes per entry), at most
-    four float32 (float64 for float64 storage) row-chunk buffers and eight float64 N-vectors. The logits are the
+    """Bytes a solve allocates for N x K rows: the stored kernel E (N x K x bytes per entry), two
+    float32 (float64 for float64 storage) row-chunk buffers and eight float64 N-vectors. The logits are the
     caller's and not counted."""
     block_bytes = 8 if storage == "float64" else 4
     kernel = num_rows * num_clusters * STORAGE_BYTES[storage]
-    chunks = 4 * min(chunk_rows, num_rows) * num_clusters * block_bytes
+    chunks = 2 * min(chunk_rows, num_rows) * num_clusters * block_bytes
     return kernel + chunks + 8 * 8 * num_rows
 
 

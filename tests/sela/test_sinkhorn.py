@@ -1,9 +1,19 @@
-"""Sinkhorn-Knopp relabel: marginals, float32 safety, agreement with the paper's float64 update, warm start."""
+"""Sinkhorn-Knopp relabel: marginals, float32 safety, agreement with the paper's float64 update, warm start,
+memory check, and the row-sharded solve over two gloo processes."""
+
+from datetime import timedelta
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from sela.sinkhorn import sinkhorn_knopp, transport_plan
+from sela.sinkhorn import (
+    SinkhornMemoryError,
+    TorchDistributed,
+    required_bytes,
+    sinkhorn_knopp,
+    transport_plan,
+)
 from tests.conftest import to_numpy
 
 
@@ -72,14 +82,16 @@ def test_peaked_logits_break_the_paper_update_in_float32_but_not_ours(xp):
         assert np.mean(labels == reference) >= 0.99
 
 
-def test_warm_start_needs_fewer_iterations(xp):
+@pytest.mark.parametrize(("stop_rule", "tolerance", "fraction"), [("marginal", 1e-3, 0.5), ("official", 0.01, 0.7)])
+def test_warm_start_needs_fewer_iterations(xp, stop_rule, tolerance, fraction):
     logits = noisy_logits(5000, 30, signal=2.5, seed=3)
-    cold = sinkhorn_knopp(xp.asarray(logits), 25.0, stop_rule="marginal", tolerance=1e-3)
+    settings = {"stop_rule": stop_rule, "tolerance": tolerance}
+    cold = sinkhorn_knopp(xp.asarray(logits), 25.0, **settings)
     perturbed = logits + np.random.default_rng(4).normal(scale=0.02, size=logits.shape).astype(np.float32)
-    warm = sinkhorn_knopp(xp.asarray(perturbed), 25.0, stop_rule="marginal", tolerance=1e-3,
-                          warm_start=cold.log_cluster_potential)
-    again = sinkhorn_knopp(xp.asarray(perturbed), 25.0, stop_rule="marginal", tolerance=1e-3)
-    assert warm.converged and warm.iterations < again.iterations
+    warm = sinkhorn_knopp(xp.asarray(perturbed), 25.0, warm_start=cold.log_cluster_potential, **settings)
+    again = sinkhorn_knopp(xp.asarray(perturbed), 25.0, **settings)
+    assert warm.converged and again.converged
+    assert warm.iterations <= fraction * again.iterations  # the previous relabel's potentials are nearly the answer
     assert np.mean(to_numpy(warm.labels) == to_numpy(again.labels)) >= 0.999
 
 
@@ -91,3 +103,90 @@ def test_rejects_fewer_images_than_clusters():
 def test_unconverged_result_says_so():
     result = sinkhorn_knopp(noisy_logits(1000, 10, 3.0), 25.0, tolerance=1e-12, max_iterations=20)
     assert not result.converged and result.iterations == 20
+
+
+def test_half_precision_storage_is_refused_on_cpu():
+    with pytest.raises(ValueError, match="not supported on CPU"):
+        sinkhorn_knopp(noisy_logits(100, 5, 3.0), 25.0, storage="bfloat16")
+
+
+def test_too_little_memory_fails_before_allocating_and_names_the_sizes():
+    logits = noisy_logits(1000, 10, 3.0)
+    needed = required_bytes(1000, 10, "float32", chunk_rows=1000)
+    with pytest.raises(SinkhornMemoryError, match=r"N=1000 x K=10 in float32 needs .*\({needed} bytes\).*\(4096 bytes\)"
+                       .replace("{needed}", str(needed))):
+        sinkhorn_knopp(logits, 25.0, memory_available=4096)
+    assert sinkhorn_knopp(logits, 25.0, memory_available=needed).converged
+
+
+def test_required_bytes_per_storage_type():
+    imagenet = {storage: required_bytes(1_281_167, 3000, storage, chunk_rows=22_369)
+                for storage in ("float64", "float32", "bfloat16")}
+    assert imagenet["bfloat16"] < imagenet["float32"] < imagenet["float64"]
+    assert 8.2e9 < imagenet["bfloat16"] < 8.4e9  # the N x K kernel (7.69 GB), two 268 MB chunk buffers, vectors
+    cifar = 50_000 * 128 * 4 + 2 * 8192 * 128 * 4 + 64 * 50_000  # kernel + two chunk buffers + eight N-vectors
+    assert required_bytes(50_000, 128, "float32", chunk_rows=8192) == cifar
+
+
+# --- rows sharded over two gloo processes -------------------------------------------------------------------
+
+# (logits shape, solver settings, tolerance on the cluster potentials). float64 storage shows the algorithm is the
+# same to rounding; float32 sums its column partials in another order, which moves potentials by ~1e-5.
+SHARDED_CASES = {
+    "official-float64": ({"signal": 2.5, "scale": 1.0}, {"stop_rule": "official", "tolerance": 0.01,
+                                                          "storage": "float64"}, 1e-9),
+    "official-float32": ({"signal": 2.5, "scale": 1.0}, {"stop_rule": "official", "tolerance": 0.01}, 1e-4),
+    # A confident network: stabilisations (log-domain steps with their own reductions) happen on every rank at once.
+    "peaked-float64": ({"signal": 12.0, "scale": 3.0}, {"stop_rule": "marginal", "tolerance": 1e-9,
+                                                        "max_iterations": 300, "storage": "float64"}, 1e-9),
+}
+
+
+def sharded_logits(case: str) -> np.ndarray:
+    shape, _, _ = SHARDED_CASES[case]
+    return noisy_logits(3000, 40, signal=shape["signal"], seed=5) * shape["scale"]
+
+
+def shard_rows(num_rows: int, rank: int) -> slice:
+    """Uneven shards on purpose: rank 0 gets 40% of the rows."""
+    split = num_rows * 2 // 5
+    return slice(0, split) if rank == 0 else slice(split, num_rows)
+
+
+def sharded_worker(rank: int, world_size: int, directory: str) -> None:
+    """One process of the sharded solve: joins the gloo group, solves its rows of every case, saves the results."""
+    import torch.distributed as distributed
+
+    distributed.init_process_group("gloo", init_method=f"file://{directory}/group", rank=rank, world_size=world_size,
+                                   timeout=timedelta(seconds=60))
+    try:
+        for case, (_, settings, _) in SHARDED_CASES.items():
+            logits = sharded_logits(case)
+            result = sinkhorn_knopp(logits[shard_rows(len(logits), rank)], 25.0, communicator=TorchDistributed(),
+                                    **settings)
+            np.savez(Path(directory) / f"{case}-{rank}.npz", labels=result.labels, confidence=result.confidence,
+                     potential=result.log_cluster_potential, iterations=result.iterations,
+                     stabilisations=result.stabilisations, error=result.error,
+                     column_error=result.column_marginal_error, converged=result.converged)
+    finally:
+        distributed.destroy_process_group()
+
+
+def test_two_gloo_processes_give_the_single_process_solution(tmp_path):
+    import torch.multiprocessing
+
+    torch.multiprocessing.spawn(sharded_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    for case, (_, settings, tolerance) in SHARDED_CASES.items():
+        single = sinkhorn_knopp(sharded_logits(case), 25.0, **settings)
+        ranks = [np.load(tmp_path / f"{case}-{rank}.npz") for rank in range(2)]
+        for shard in ranks:  # every rank took the same decisions and holds the same cluster potentials
+            assert bool(shard["converged"]) == single.converged
+            assert int(shard["iterations"]) == single.iterations
+            assert int(shard["stabilisations"]) == single.stabilisations
+            np.testing.assert_allclose(shard["potential"], single.log_cluster_potential, rtol=0, atol=tolerance)
+            np.testing.assert_allclose(float(shard["error"]), single.error, rtol=1e3 * tolerance)
+            np.testing.assert_allclose(float(shard["column_error"]), single.column_marginal_error, rtol=1e3 * tolerance)
+        assert single.stabilisations > 0 or not case.startswith("peaked")
+        np.testing.assert_array_equal(np.concatenate([shard["labels"] for shard in ranks]), single.labels)
+        np.testing.assert_allclose(np.concatenate([shard["confidence"] for shard in ranks]), single.confidence,
+                                   rtol=1e-5)
