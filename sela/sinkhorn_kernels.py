@@ -74,9 +74,9 @@ class BlockedCpuKernel:
     def __init__(self, shape: tuple[int, int], dtype: np.dtype, threads: int | None = None) -> None:
         self.matrix = np.empty(shape, dtype=dtype)
         self.threads = threads or len(os.sched_getaffinity(0))
-        # Half of a 1 MiB L2 per core for the block: it is read from memory by the first product, from cache by the
-        # second.
-        self.block_rows = max(1, (512 * 1024) // (shape[1] * self.matrix.itemsize))
+        # 2 MiB blocks: read from memory by the first product, from cache (L2/L3) by the second; measured faster
+        # than 512 KiB blocks here (fewer Python-level calls) at equal cache behaviour.
+        self.block_rows = max(1, (2 * 1024 * 1024) // (shape[1] * self.matrix.itemsize))
 
     def write_rows(self, start: int, block: Any) -> None:
         self.matrix[start : start + block.shape[0]] = block

@@ -105,6 +105,42 @@ def test_unconverged_result_says_so():
     assert not result.converged and result.iterations == 20
 
 
+@pytest.mark.parametrize("storage", ["bfloat16", "float16"])
+def test_fused_gpu_pass_equals_the_two_products(xp, storage):
+    if xp is np:
+        pytest.skip("the fused kernel is CuPy-only")
+    from sela.sinkhorn_cuda import CudaFusedKernel
+
+    generator = np.random.default_rng(6)
+    matrix = generator.random((5000, 300)).astype(np.float32)
+    matrix /= matrix.sum(axis=1, keepdims=True)
+    kernel = CudaFusedKernel(matrix.shape, storage)
+    kernel.write_rows(0, xp.asarray(matrix[:1234]))
+    kernel.write_rows(1234, xp.asarray(matrix[1234:]))
+    decoded = to_numpy(kernel.decoded()).astype(np.float64)
+    np.testing.assert_allclose(decoded, matrix, rtol=2 ** -8 if storage == "bfloat16" else 2 ** -11)
+    scaling = generator.uniform(0.5, 2.0, 300)
+    image, column = kernel.fused_pass(xp.asarray(scaling))
+    expected_image = 1.0 / (decoded @ scaling)
+    np.testing.assert_allclose(to_numpy(image), expected_image, rtol=1e-5)
+    np.testing.assert_allclose(to_numpy(column), expected_image @ decoded, rtol=1e-5)
+
+
+@pytest.mark.parametrize("storage", ["bfloat16", "float16"])
+def test_half_precision_gpu_storage_agrees_with_float64(xp, storage):
+    if xp is np:
+        pytest.skip("half-precision storage is GPU-only")
+    logits = noisy_logits(20_000, 100, signal=3.0, seed=7)
+    reference = sinkhorn_knopp(logits, 25.0, storage="float64", tolerance=0.1)
+    result = sinkhorn_knopp(xp.asarray(logits), 25.0, storage=storage, tolerance=0.1)
+    assert result.converged
+    assert np.mean(to_numpy(result.labels) == reference.labels) >= 0.995
+    assert result.column_marginal_error < 0.01
+    peaked = noisy_logits(20_000, 100, signal=12.0, seed=8) * 3
+    result = sinkhorn_knopp(xp.asarray(peaked), 25.0, storage=storage, stop_rule="marginal", tolerance=2e-2)
+    assert result.converged and result.stabilisations > 0 and result.column_marginal_error < 2e-2
+
+
 def test_half_precision_storage_is_refused_on_cpu():
     with pytest.raises(ValueError, match="not supported on CPU"):
         sinkhorn_knopp(noisy_logits(100, 5, 3.0), 25.0, storage="bfloat16")
