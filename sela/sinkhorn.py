@@ -286,6 +286,17 @@ def _out_of_range(xp: Any, scaling: Any, bound: float) -> Any:
     return xp.sum(~(xp.isfinite(scaling) & (scaling < bound) & (scaling > 1.0 / bound)))
 
 
+def _log_domain_step(
+    scores: ScoreBlocks, kernel: StoredKernel, log_image: Any, log_target: float, communicator: Communicator,
+    flush_subnormals: bool,
+) -> tuple[Any, Any, Any]:
+    """One exact iteration in the log domain (stabilisation): the last in-range scalings are already folded into
+    ``log_image``; column update, then the row-normalised rebuild of E. Returns f (N,), g (K,), global column sums."""
+    log_cluster = _log_column_update(scores, log_image, log_target, communicator)
+    log_image, column = _row_normalised_build(scores, kernel, log_cluster, flush_subnormals)
+    return log_image, log_cluster, communicator.all_reduce_sum(column)
+
+
 def sinkhorn_knopp(
     logits: Any,
     sharpness: float,
@@ -353,11 +364,8 @@ def sinkhorn_knopp(
             u, v, column = u_next, v_next, reduced[:num_clusters]
             official_error = reduced[num_clusters + 1]
         else:
-            # Fold the last in-range scalings into the potentials and take this iteration in the log domain.
             log_image_before = f + xp.log(u)
-            g = _log_column_update(scores, log_image_before, log_target, communicator)
-            f, column = _row_normalised_build(scores, kernel, g, flush)
-            column = communicator.all_reduce_sum(column)
+            f, g, column = _log_domain_step(scores, kernel, log_image_before, log_target, communicator, flush)
             u, v = xp.ones_like(u), xp.ones_like(v)
             stabilisations += 1
             if official_check:
