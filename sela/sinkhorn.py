@@ -33,10 +33,10 @@ from sela.sinkhorn_kernels import STORAGE_BYTES, StoredKernel, make_kernel
 StopRule = Literal["official", "marginal"]
 Storage = Literal["float64", "float32", "bfloat16", "float16"]
 # Scalings u, v may drift to [1/tau, tau] before they are folded into the potentials. E's entries lie in [0, 1]
-# and an entry flushed to 0 could matter only once scaled by tau^2: 1e12 keeps that below 1e-14 of a row for the
-# float32-range types (fewer rebuilds: each costs two exp passes); float16's range (subnormals from 6e-8) needs a
-# small tau.
-STABILITY_BOUND = {"float64": 1e50, "float32": 1e12, "bfloat16": 1e12, "float16": 1e2}
+# and an entry flushed to 0 (below 1.2e-38) could matter only once scaled by tau^2: 1e15 keeps that below 1e-8 of a
+# row for the float32-range types and spares the rebuilds (two exp passes each) that an imbalanced cold start needs
+# with a smaller tau; float16's range (subnormals from 6e-8) needs a small tau.
+STABILITY_BOUND = {"float64": 1e50, "float32": 1e15, "bfloat16": 1e15, "float16": 1e2}
 _TINY = {np.dtype(np.float32): np.finfo(np.float32).tiny, np.dtype(np.float64): np.finfo(np.float64).tiny}
 
 
@@ -314,7 +314,8 @@ def sinkhorn_knopp(
 ) -> SinkhornResult:
     """Equipartitioned optimal transport of P^lambda, P = softmax(logits). (N, K) logits -> labels (N,).
 
-    Stopping rules (checked every ``check_every`` iterations, as in the paper's code):
+    Stopping rules (checked after iterations 1, 1 + ``check_every``, 1 + 2 ``check_every``, ... as in the paper's
+    code):
     - ``official``: sum over images of |u_old / u_new - 1| < tolerance (the paper's rule on its image scaling).
     - ``marginal``: max_k |K * column_sum_k - 1| < tolerance (independent of N).
     Non-finite values never count as convergence: the solver stabilises instead, and raises if it cannot.
@@ -350,7 +351,7 @@ def sinkhorn_knopp(
     error, stabilisations, converged, iteration = float("inf"), 0, False, 0
     while iteration < max_iterations:
         iteration += 1
-        checking = iteration % check_every == 0
+        checking = iteration % check_every == 1 % check_every  # iterations 1, 11, 21, ...: the paper's schedule
         official_check = checking and stop_rule == "official"
         v_next = target / column
         accepted = bool(_out_of_range(xp, v_next, stability_bound) == 0)  # v is identical on every rank
