@@ -57,7 +57,10 @@ class SinkhornParams(Section):
     tolerance: PositiveFloat
     stop_rule: Literal["official", "marginal"]
     max_iterations: PositiveInt
-    dtype: Literal["float32", "float64"]
+    dtype: Literal["float64", "float32", "bfloat16", "float16"] = Field(
+        description="storage type of the N x K Sinkhorn kernel: float64/float32 on CPU; on a GPU also bfloat16 or "
+        "float16 (half the memory, one fused pass an iteration)"
+    )
 
 
 class TrainParams(Section):

@@ -162,7 +162,6 @@ def solve_head(logits: torch.Tensor, params: TrainParams, warm_start: np.ndarray
     The result's arrays are numpy either way.
     """
     settings = params.sinkhorn
-    dtype = np.float32 if settings.dtype == "float32" else np.float64
     if logits.is_cuda:
         import cupy  # a CUDA device without CuPy is a broken install: fail loudly, never fall back silently
 
@@ -176,7 +175,7 @@ def solve_head(logits: torch.Tensor, params: TrainParams, warm_start: np.ndarray
         tolerance=settings.tolerance,
         stop_rule=settings.stop_rule,
         max_iterations=settings.max_iterations,
-        dtype=dtype,
+        storage=settings.dtype,
         warm_start=warm,
     )
     if logits.is_cuda:

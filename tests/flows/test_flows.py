@@ -60,7 +60,7 @@ def test_bad_parameter_fails_fast_naming_it(prefect_api_url, tmp_path):
 def test_bad_value_in_params_yaml_fails_naming_it(prefect_api_url, tmp_path):
     from flows.full import sela
 
-    project = make_project(tmp_path / "project", {"train.sinkhorn.dtype": "float16"})
+    project = make_project(tmp_path / "project", {"train.sinkhorn.dtype": "float8"})
     with pytest.raises(ParamsError, match="train.sinkhorn.dtype"):
         sela(root=str(project))
     assert not (project / "data/shards").exists()

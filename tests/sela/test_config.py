@@ -32,7 +32,7 @@ def test_missing_key_is_named():
 
 @pytest.mark.parametrize(
     ("key", "value"),
-    [("train.num_clusters", -3), ("train.augment.flip_probability", 1.5), ("train.sinkhorn.dtype", "float16")],
+    [("train.num_clusters", -3), ("train.augment.flip_probability", 1.5), ("train.sinkhorn.dtype", "float8")],
 )
 def test_bad_override_is_named(key, value):
     with pytest.raises(ParamsError, match=key.replace(".", r"\.")):

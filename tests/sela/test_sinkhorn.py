@@ -1,9 +1,19 @@
-"""Sinkhorn-Knopp relabel: marginals, float32 safety, agreement with the paper's float64 update, warm start."""
+"""Sinkhorn-Knopp relabel: marginals, float32 safety, agreement with the paper's float64 update, warm start,
+memory check, and the row-sharded solve over two gloo processes."""
+
+from datetime import timedelta
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from sela.sinkhorn import sinkhorn_knopp, transport_plan
+from sela.sinkhorn import (
+    SinkhornMemoryError,
+    TorchDistributed,
+    required_bytes,
+    sinkhorn_knopp,
+    transport_plan,
+)
 from tests.conftest import to_numpy
 
 
@@ -38,10 +48,10 @@ def noisy_logits(num_images: int, num_clusters: int, signal: float, seed: int = 
     return logits.astype(np.float32)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_plan_has_equipartition_marginals(xp, dtype):
+@pytest.mark.parametrize("storage", ["float32", "float64"])
+def test_plan_has_equipartition_marginals(xp, storage):
     logits = noisy_logits(3000, 20, signal=2.0)
-    result = sinkhorn_knopp(xp.asarray(logits), 25.0, dtype=dtype, stop_rule="marginal", tolerance=1e-4)
+    result = sinkhorn_knopp(xp.asarray(logits), 25.0, storage=storage, stop_rule="marginal", tolerance=1e-4)
     plan = to_numpy(transport_plan(xp.asarray(logits), 25.0, result))
     assert result.converged
     np.testing.assert_allclose(plan.sum(axis=1), 1 / 3000, rtol=1e-6)
@@ -53,7 +63,7 @@ def test_plan_has_equipartition_marginals(xp, dtype):
 def test_labels_equal_the_paper_update_in_float64(xp):
     logits = noisy_logits(2000, 10, signal=1.0, seed=1)
     reference, _, _ = paper_update(logits, 25.0)
-    ours = sinkhorn_knopp(xp.asarray(logits), 25.0, dtype=np.float32, tolerance=1e-3)
+    ours = sinkhorn_knopp(xp.asarray(logits), 25.0, storage="float32", tolerance=1e-3)
     agreement = np.mean(to_numpy(ours.labels) == reference)
     assert ours.converged and agreement >= 0.999
 
@@ -62,7 +72,7 @@ def test_peaked_logits_break_the_paper_update_in_float32_but_not_ours(xp):
     logits = noisy_logits(4000, 50, signal=12.0, seed=2) * 3  # a confident network: S spans hundreds
     labels32, plan32, _ = paper_update(logits, 25.0, dtype=np.float32, limit=200)
     assert not np.isfinite(plan32).all() or len(np.unique(labels32)) < 50  # the paper's float32 update fails
-    result = sinkhorn_knopp(xp.asarray(logits), 25.0, dtype=np.float32, stop_rule="marginal", tolerance=1e-2)
+    result = sinkhorn_knopp(xp.asarray(logits), 25.0, storage="float32", stop_rule="marginal", tolerance=1e-2)
     labels = to_numpy(result.labels)
     assert result.converged and result.stabilisations > 0
     assert np.isfinite(to_numpy(result.confidence)).all()
@@ -72,14 +82,16 @@ def test_peaked_logits_break_the_paper_update_in_float32_but_not_ours(xp):
         assert np.mean(labels == reference) >= 0.99
 
 
-def test_warm_start_needs_fewer_iterations(xp):
+@pytest.mark.parametrize(("stop_rule", "tolerance", "fraction"), [("marginal", 1e-3, 0.5), ("official", 0.01, 0.7)])
+def test_warm_start_needs_fewer_iterations(xp, stop_rule, tolerance, fraction):
     logits = noisy_logits(5000, 30, signal=2.5, seed=3)
-    cold = sinkhorn_knopp(xp.asarray(logits), 25.0, stop_rule="marginal", tolerance=1e-3)
+    settings = {"stop_rule": stop_rule, "tolerance": tolerance}
+    cold = sinkhorn_knopp(xp.asarray(logits), 25.0, **settings)
     perturbed = logits + np.random.default_rng(4).normal(scale=0.02, size=logits.shape).astype(np.float32)
-    warm = sinkhorn_knopp(xp.asarray(perturbed), 25.0, stop_rule="marginal", tolerance=1e-3,
-                          warm_start=cold.log_cluster_potential)
-    again = sinkhorn_knopp(xp.asarray(perturbed), 25.0, stop_rule="marginal", tolerance=1e-3)
-    assert warm.converged and warm.iterations < again.iterations
+    warm = sinkhorn_knopp(xp.asarray(perturbed), 25.0, warm_start=cold.log_cluster_potential, **settings)
+    again = sinkhorn_knopp(xp.asarray(perturbed), 25.0, **settings)
+    assert warm.converged and again.converged
+    assert warm.iterations <= fraction * again.iterations  # the previous relabel's potentials are nearly the answer
     assert np.mean(to_numpy(warm.labels) == to_numpy(again.labels)) >= 0.999
 
 
@@ -91,3 +103,126 @@ def test_rejects_fewer_images_than_clusters():
 def test_unconverged_result_says_so():
     result = sinkhorn_knopp(noisy_logits(1000, 10, 3.0), 25.0, tolerance=1e-12, max_iterations=20)
     assert not result.converged and result.iterations == 20
+
+
+@pytest.mark.parametrize("storage", ["bfloat16", "float16"])
+def test_fused_gpu_pass_equals_the_two_products(xp, storage):
+    if xp is np:
+        pytest.skip("the fused kernel is CuPy-only")
+    from sela.sinkhorn_cuda import CudaFusedKernel
+
+    generator = np.random.default_rng(6)
+    matrix = generator.random((5000, 300)).astype(np.float32)
+    matrix /= matrix.sum(axis=1, keepdims=True)
+    kernel = CudaFusedKernel(matrix.shape, storage)
+    kernel.write_rows(0, xp.asarray(matrix[:1234]))
+    kernel.write_rows(1234, xp.asarray(matrix[1234:]))
+    decoded = to_numpy(kernel.decoded()).astype(np.float64)
+    np.testing.assert_allclose(decoded, matrix, rtol=2 ** -8 if storage == "bfloat16" else 2 ** -11)
+    scaling = generator.uniform(0.5, 2.0, 300)
+    image, column = kernel.fused_pass(xp.asarray(scaling))
+    expected_image = 1.0 / (decoded @ scaling)
+    np.testing.assert_allclose(to_numpy(image), expected_image, rtol=1e-5)
+    np.testing.assert_allclose(to_numpy(column), expected_image @ decoded, rtol=1e-5)
+
+
+@pytest.mark.parametrize("storage", ["bfloat16", "float16"])
+def test_half_precision_gpu_storage_agrees_with_float64(xp, storage):
+    if xp is np:
+        pytest.skip("half-precision storage is GPU-only")
+    logits = noisy_logits(20_000, 100, signal=3.0, seed=7)
+    reference = sinkhorn_knopp(logits, 25.0, storage="float64", tolerance=0.1)
+    result = sinkhorn_knopp(xp.asarray(logits), 25.0, storage=storage, tolerance=0.1)
+    assert result.converged
+    assert np.mean(to_numpy(result.labels) == reference.labels) >= 0.995
+    assert result.column_marginal_error < 0.01
+    peaked = noisy_logits(20_000, 100, signal=12.0, seed=8) * 3
+    result = sinkhorn_knopp(xp.asarray(peaked), 25.0, storage=storage, stop_rule="marginal", tolerance=2e-2)
+    assert result.converged and result.stabilisations > 0 and result.column_marginal_error < 2e-2
+
+
+def test_half_precision_storage_is_refused_on_cpu():
+    with pytest.raises(ValueError, match="not supported on CPU"):
+        sinkhorn_knopp(noisy_logits(100, 5, 3.0), 25.0, storage="bfloat16")
+
+
+def test_too_little_memory_fails_before_allocating_and_names_the_sizes():
+    logits = noisy_logits(1000, 10, 3.0)
+    needed = required_bytes(1000, 10, "float32", chunk_rows=1000)
+    with pytest.raises(SinkhornMemoryError, match=r"N=1000 x K=10 in float32 needs .*\({needed} bytes\).*\(4096 bytes\)"
+                       .replace("{needed}", str(needed))):
+        sinkhorn_knopp(logits, 25.0, memory_available=4096)
+    assert sinkhorn_knopp(logits, 25.0, memory_available=needed).converged
+
+
+def test_required_bytes_per_storage_type():
+    imagenet = {storage: required_bytes(1_281_167, 3000, storage, chunk_rows=22_369)
+                for storage in ("float64", "float32", "bfloat16")}
+    assert imagenet["bfloat16"] < imagenet["float32"] < imagenet["float64"]
+    assert 8.2e9 < imagenet["bfloat16"] < 8.4e9  # the N x K kernel (7.69 GB), two 268 MB chunk buffers, vectors
+    cifar = 50_000 * 128 * 4 + 2 * 8192 * 128 * 4 + 64 * 50_000  # kernel + two chunk buffers + eight N-vectors
+    assert required_bytes(50_000, 128, "float32", chunk_rows=8192) == cifar
+
+
+# --- rows sharded over two gloo processes -------------------------------------------------------------------
+
+# (logits shape, solver settings, tolerance on the cluster potentials). float64 storage shows the algorithm is the
+# same to rounding; float32 sums its column partials in another order, which moves potentials by ~1e-5.
+SHARDED_CASES = {
+    "official-float64": ({"signal": 2.5, "scale": 1.0}, {"stop_rule": "official", "tolerance": 0.01,
+                                                          "storage": "float64"}, 1e-9),
+    "official-float32": ({"signal": 2.5, "scale": 1.0}, {"stop_rule": "official", "tolerance": 0.01}, 1e-4),
+    # A confident network: stabilisations (log-domain steps with their own reductions) happen on every rank at once.
+    "peaked-float64": ({"signal": 12.0, "scale": 3.0}, {"stop_rule": "marginal", "tolerance": 1e-9,
+                                                        "max_iterations": 300, "storage": "float64"}, 1e-9),
+}
+
+
+def sharded_logits(case: str) -> np.ndarray:
+    shape, _, _ = SHARDED_CASES[case]
+    return noisy_logits(3000, 40, signal=shape["signal"], seed=5) * shape["scale"]
+
+
+def shard_rows(num_rows: int, rank: int) -> slice:
+    """Uneven shards on purpose: rank 0 gets 40% of the rows."""
+    split = num_rows * 2 // 5
+    return slice(0, split) if rank == 0 else slice(split, num_rows)
+
+
+def sharded_worker(rank: int, world_size: int, directory: str) -> None:
+    """One process of the sharded solve: joins the gloo group, solves its rows of every case, saves the results."""
+    import torch.distributed as distributed
+
+    distributed.init_process_group("gloo", init_method=f"file://{directory}/group", rank=rank, world_size=world_size,
+                                   timeout=timedelta(seconds=60))
+    try:
+        for case, (_, settings, _) in SHARDED_CASES.items():
+            logits = sharded_logits(case)
+            result = sinkhorn_knopp(logits[shard_rows(len(logits), rank)], 25.0, communicator=TorchDistributed(),
+                                    **settings)
+            np.savez(Path(directory) / f"{case}-{rank}.npz", labels=result.labels, confidence=result.confidence,
+                     potential=result.log_cluster_potential, iterations=result.iterations,
+                     stabilisations=result.stabilisations, error=result.error,
+                     column_error=result.column_marginal_error, converged=result.converged)
+    finally:
+        distributed.destroy_process_group()
+
+
+def test_two_gloo_processes_give_the_single_process_solution(tmp_path):
+    import torch.multiprocessing
+
+    torch.multiprocessing.spawn(sharded_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    for case, (_, settings, tolerance) in SHARDED_CASES.items():
+        single = sinkhorn_knopp(sharded_logits(case), 25.0, **settings)
+        ranks = [np.load(tmp_path / f"{case}-{rank}.npz") for rank in range(2)]
+        for shard in ranks:  # every rank took the same decisions and holds the same cluster potentials
+            assert bool(shard["converged"]) == single.converged
+            assert int(shard["iterations"]) == single.iterations
+            assert int(shard["stabilisations"]) == single.stabilisations
+            np.testing.assert_allclose(shard["potential"], single.log_cluster_potential, rtol=0, atol=tolerance)
+            np.testing.assert_allclose(float(shard["error"]), single.error, rtol=1e3 * tolerance)
+            np.testing.assert_allclose(float(shard["column_error"]), single.column_marginal_error, rtol=1e3 * tolerance)
+        assert single.stabilisations > 0 or not case.startswith("peaked")
+        np.testing.assert_array_equal(np.concatenate([shard["labels"] for shard in ranks]), single.labels)
+        np.testing.assert_allclose(np.concatenate([shard["confidence"] for shard in ranks]), single.confidence,
+                                   rtol=1e-5)
