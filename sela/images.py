@@ -1,0 +1,158 @@
+"""Validate one encoded image and turn it into the bytes a shard stores: the ingest worker's whole job.
+
+``inspect_image`` fully decodes every input (no ``Image.draft``: that skips most of the decode), then either keeps
+the original bytes (an RGB JPEG/PNG, upright, within the size limit: no re-encode, so ingest runs near disk speed)
+or re-encodes deterministically (PNG for lossless sources, JPEG quality 95 for JPEG sources) after converting the
+mode to RGB, applying the EXIF orientation and shrinking the long side. A file that cannot become an image gets a
+reason instead. This module imports only Pillow and numpy so that worker processes start fast.
+"""
+
+import hashlib
+import io
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+# Formats accepted (Pillow format name -> nothing); anything else Pillow can open (ICO, PSD, PPM, EPS, ...) is
+# quarantined as unsupported: uncommon in photo collections, and some decode through external programs.
+SUPPORTED_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "TIFF", "WEBP")
+# Originals kept byte for byte when nothing needs converting; the shard field is named after the real format.
+_KEPT_AS_IS = {"JPEG": "jpg", "PNG": "png"}
+_EXIF_ORIENTATION = 0x0112
+_JPEG_QUALITY = 95
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+@dataclass(frozen=True, slots=True)
+class ImageLimits:
+    """Size rules: images with a side below ``min_side`` are quarantined, a long side above ``max_side`` shrinks."""
+
+    min_side: int
+    max_side: int
+
+
+@dataclass(frozen=True, slots=True)
+class Inspected:
+    """The outcome for one input file: ``reason`` is None for an accepted image, else why it was quarantined.
+
+    ``sha256`` is of the source bytes (empty when they could not be read); ``width``/``height`` are the original
+    size, ``image``/``extension`` what the shard stores (empty when quarantined).
+    """
+
+    sha256: str
+    reason: str | None
+    width: int = 0
+    height: int = 0
+    extension: str = ""
+    image: bytes = field(default=b"", repr=False)
+
+
+def inspect_image(data: bytes, limits: ImageLimits) -> Inspected:
+    """Decode ``data`` fully and return what the shard stores, or the reason the file is quarantined."""
+    sha256 = hashlib.sha256(data).hexdigest()
+    if not data:
+        return Inspected(sha256, "empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns (not raises) on some damaged files: treat every warning as a broken image.
+            warnings.simplefilter("error")
+            return _decoded(data, sha256, limits)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        return Inspected(sha256, f"too many pixels: {error}")
+    except Image.UnidentifiedImageError:
+        return Inspected(sha256, "not an image (unrecognised content)")
+    except (OSError, ValueError, SyntaxError, EOFError, Warning, MemoryError) as error:
+        # Pillow reports truncated and corrupt data with several unrelated exception types.
+        return Inspected(sha256, f"corrupt image: {type(error).__name__}: {error}")
+
+
+def _decoded(data: bytes, sha256: str, limits: ImageLimits) -> Inspected:
+    with Image.open(io.BytesIO(data)) as opened:
+        image_format = opened.format or "unknown"
+        if image_format not in SUPPORTED_FORMATS:
+            return Inspected(sha256, f"unsupported format: {image_format}")
+        width, height = opened.size
+        if min(width, height) < limits.min_side:
+            return Inspected(sha256, f"too small: {width}x{height} (min side {limits.min_side})", width, height)
+        opened.load()  # the full decode: raises on truncated or corrupt pixel data
+        orientation = opened.getexif().get(_EXIF_ORIENTATION, 1)
+        keep = image_format in _KEPT_AS_IS and opened.mode == "RGB" and orientation in (0, 1)
+        keep = keep and max(width, height) <= limits.max_side
+        if keep:
+            return Inspected(sha256, None, width, height, _KEPT_AS_IS[image_format], data)
+        rgb = _to_rgb(ImageOps.exif_transpose(opened) if orientation not in (0, 1) else opened)
+    rgb = _shrunk(rgb, limits.max_side)
+    lossy = image_format == "JPEG"
+    return Inspected(sha256, None, width, height, "jpg" if lossy else "png", _encode(rgb, lossy))
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """RGB with the same pixels: alpha composited on white, 16-bit scaled to 8-bit (Pillow's convert clips it)."""
+    if image.mode in _SIXTEEN_BIT_MODES:
+        values = np.asarray(image, dtype=np.int64).clip(0, 65535)
+        return Image.fromarray((values // 257).astype(np.uint8)).convert("RGB")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _shrunk(image: Image.Image, max_side: int) -> Image.Image:
+    """Long side down to ``max_side`` (aspect kept, each side at least 1 pixel); smaller images unchanged."""
+    width, height = image.size
+    if max(width, height) <= max_side:
+        return image
+    scale = max_side / max(width, height)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return image.resize(size, Image.LANCZOS)
+
+
+def _encode(image: Image.Image, lossy: bool) -> bytes:
+    """Deterministic bytes: fixed settings, no metadata (EXIF, ICC, time) carried over."""
+    buffer = io.BytesIO()
+    if lossy:
+        image.save(buffer, format="JPEG", quality=_JPEG_QUALITY, optimize=False, progressive=False)
+    else:
+        image.save(buffer, format="PNG", optimize=False, compress_level=6)
+    return buffer.getvalue()
+
+
+@dataclass(frozen=True, slots=True)
+class WorkItem:
+    """One input for a worker: a local ``path`` to read or the ``data`` itself.
+
+    ``hash_only`` skips the decode (the file is already in a shard: only its hash is compared); ``reason`` set
+    means the main process already quarantined the file and nothing is read.
+    """
+
+    path: str | None
+    data: bytes | None = field(default=None, repr=False)
+    hash_only: bool = False
+    reason: str | None = None
+
+
+def inspect_batch(items: list[WorkItem], limits: ImageLimits) -> list[Inspected]:
+    """``inspect_image`` over a batch, in order: one process-pool task per batch keeps the IPC overhead low."""
+    return [_inspect_item(item, limits) for item in items]
+
+
+def _inspect_item(item: WorkItem, limits: ImageLimits) -> Inspected:
+    if item.reason is not None:
+        return Inspected(sha256="", reason=item.reason)
+    if item.data is None:
+        assert item.path is not None  # a work item carries a path or bytes
+        try:
+            data = Path(item.path).read_bytes()
+        except OSError as error:
+            return Inspected(sha256="", reason=f"unreadable: {error.strerror or error}")
+    else:
+        data = item.data
+    if item.hash_only:
+        return Inspected(sha256=hashlib.sha256(data).hexdigest(), reason=None)
+    return inspect_image(data, limits)
