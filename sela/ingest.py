@@ -29,7 +29,7 @@ import pandas as pd
 import pyarrow as pa
 
 from sela.config import ShardParams
-from sela.data import Sample, SourceFile, iter_payloads, list_source
+from sela.data import SourceFile, iter_payloads, list_source
 from sela.images import ImageLimits, Inspected, WorkItem, inspect_batch
 from sela.shards import (
     ShardStore,
@@ -133,7 +133,7 @@ def _work_items(payloads: Iterable[tuple[SourceFile, bytes | None]], stored_keys
             continue
         owner_of_key[file.key] = file.source_path
         path = file.locator if file.kind == "local" else None
-        yield WorkItem(path, data, hash_only=file.key in stored_keys)
+        yield WorkItem(path, data, file.key in stored_keys, None, file.key, file.ground_truth, file.source_path)
 
 
 def _ordered_results(items: Iterator[WorkItem], limits: ImageLimits, workers: int) -> Iterator[Inspected]:
@@ -163,28 +163,28 @@ class _Packer:
         self.store = store
         self.samples_per_shard = samples_per_shard
         self.next_number = first_number
-        self.samples: list[Sample] = []
+        self.members: list[bytes] = []
         self.rows: list[dict[str, object]] = []
         self.written: list[str] = []
 
     def add(self, file: SourceFile, result: Inspected) -> None:
         shard = shard_name(self.next_number)
-        self.samples.append(Sample(file.key, result.image, result.extension, file.ground_truth, file.source_path))
+        self.members.append(result.members)
         self.rows.append(
             {"key": file.key, "shard": shard, "source_path": file.source_path, "ground_truth": file.ground_truth,
              "sha256": result.sha256, "width": result.width, "height": result.height}
         )
-        if len(self.samples) == self.samples_per_shard:
+        if len(self.members) == self.samples_per_shard:
             self.flush()
 
     def flush(self) -> None:
-        if not self.samples:
+        if not self.members:
             return
         shard = shard_name(self.next_number)
-        write_shard(self.store, shard, self.samples, self.rows)
+        write_shard(self.store, shard, self.members, self.rows)
         self.written.append(shard)
         self.next_number += 1
-        self.samples, self.rows = [], []
+        self.members, self.rows = [], []
 
 
 def _pack(

@@ -21,7 +21,7 @@ import webdataset
 
 from sela import remote
 from sela.data import decode_image
-from sela.shards import read_manifest, sample_from_record, shard_urls
+from sela.shards import read_manifest, record_image_field, shard_records, shard_urls
 
 
 @dataclass
@@ -78,7 +78,7 @@ class ShardStream:
             webdataset.SimpleShardList(self.rank_urls),
             webdataset.split_by_worker,
             partial(_forever_shuffled, seed=settings.seed),
-            webdataset.tarfile_to_samples(),
+            shard_records,
             webdataset.shuffle(settings.shuffle_buffer, initial=settings.shuffle_buffer, seed=settings.seed)
             if settings.shuffle_buffer > 0
             else _identity,
@@ -103,8 +103,9 @@ def _identity(samples: Iterable[dict[str, object]]) -> Iterator[dict[str, object
 
 
 def _decoded(record: dict[str, object], image_size: int) -> tuple[np.ndarray, str, str]:
-    sample = sample_from_record(record)
-    return decode_image(sample.image, image_size), sample.key, str(record["__url__"])
+    # Only the image field: training needs no metadata, so the JSON member is not parsed.
+    image = record[record_image_field(record)]
+    return decode_image(image, image_size), str(record["__key__"]), str(record["__url__"])
 
 
 def _collate(items: list[tuple[np.ndarray, str, str]]) -> Batch:

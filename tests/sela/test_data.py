@@ -244,6 +244,19 @@ def test_decode_image_gives_rgb_uint8_of_requested_size(mode: str) -> None:
     assert image.dtype == np.uint8
 
 
+@pytest.mark.parametrize(("mode", "size"), [("RGB", (32, 32)), ("RGB", (45, 20)), ("L", (32, 32)), ("CMYK", (9, 9))])
+def test_decode_image_gives_pillows_pixels_for_jpegs(mode: str, size: tuple[int, int]) -> None:
+    # YCbCr and grey JPEGs take the libjpeg-turbo path, CMYK Pillow's: both must match Pillow's own decode.
+    channels = len(mode)
+    pixels = np.random.default_rng(1).integers(0, 256, size=(size[1], size[0], channels), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.frombytes(mode, size, pixels.tobytes()).save(buffer, format="JPEG")
+    with Image.open(io.BytesIO(buffer.getvalue())) as opened:
+        expected = np.asarray(opened.convert("RGB").resize((32, 32), Image.BILINEAR))
+
+    assert np.array_equal(decode_image(buffer.getvalue(), 32), expected)
+
+
 def test_decode_image_keeps_pixels_when_size_already_matches() -> None:
     pixels = np.random.default_rng(0).integers(0, 256, size=(5, 5, 3), dtype=np.uint8)
     buffer = io.BytesIO()
