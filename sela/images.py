@@ -18,7 +18,7 @@ import numpy as np
 import simplejpeg
 from PIL import Image, ImageOps
 
-from sela.tarmembers import sample_members
+from sela.tarmembers import sample_member
 
 # Formats accepted (Pillow format name -> nothing); anything else Pillow can open (ICO, PSD, PPM, EPS, ...) is
 # quarantined as unsupported: uncommon in photo collections, and some decode through external programs.
@@ -46,8 +46,8 @@ class Inspected(NamedTuple):
 
     A NamedTuple, like ``WorkItem``: both cross the process pool, and tuples pickle 3x faster than dataclasses.
     ``sha256`` is of the source bytes (empty when they could not be read); ``width``/``height`` are the original
-    size, ``image``/``extension`` what the shard stores (empty when quarantined); ``members`` the sample's tar
-    members when built by a worker (``image`` is then dropped to halve what travels back).
+    size, ``image``/``extension`` what the shard stores (empty when quarantined); ``member`` the sample's tar
+    member when built by a worker (``image`` is then dropped to halve what travels back).
     """
 
     sha256: str
@@ -56,7 +56,7 @@ class Inspected(NamedTuple):
     height: int = 0
     extension: str = ""
     image: bytes = b""
-    members: bytes = b""
+    member: bytes = b""
 
 
 def inspect_image(data: bytes, limits: ImageLimits) -> Inspected:
@@ -175,8 +175,7 @@ class WorkItem(NamedTuple):
 
     ``hash_only`` skips the decode (the file is already in a shard: only its hash is compared); ``reason`` set
     means the main process already quarantined the file and nothing is read. For an accepted image the worker
-    also builds its tar members (``key``, ``ground_truth`` and ``source_path`` go into them), so the writing
-    process only concatenates bytes.
+    also builds its tar member (named after ``key``), so the writing process only concatenates bytes.
     """
 
     path: str | None
@@ -184,8 +183,6 @@ class WorkItem(NamedTuple):
     hash_only: bool = False
     reason: str | None = None
     key: str = ""
-    ground_truth: str | None = None
-    source_path: str = ""
 
 
 def inspect_batch(items: list[WorkItem], limits: ImageLimits) -> list[Inspected]:
@@ -210,5 +207,5 @@ def _inspect_item(item: WorkItem, limits: ImageLimits) -> Inspected:
     result = inspect_image(data, limits)
     if result.reason is not None:
         return result
-    members = sample_members(item.key, result.extension, result.image, item.ground_truth, item.source_path)
-    return Inspected(result.sha256, None, result.width, result.height, result.extension, b"", members)
+    member = sample_member(item.key, result.extension, result.image)
+    return Inspected(result.sha256, None, result.width, result.height, result.extension, b"", member)

@@ -54,7 +54,7 @@ REMOVED_SCHEMA = pa.schema(
 )
 # Files per process-pool task: large enough to amortise pickling, small enough to keep all workers busy.
 _BATCH = 64
-_STATE_VERSION = 1
+_STATE_VERSION = 2  # 2: one member per sample (metadata only in the manifest)
 
 
 @dataclass(frozen=True)
@@ -133,7 +133,7 @@ def _work_items(payloads: Iterable[tuple[SourceFile, bytes | None]], stored_keys
             continue
         owner_of_key[file.key] = file.source_path
         path = file.locator if file.kind == "local" else None
-        yield WorkItem(path, data, file.key in stored_keys, None, file.key, file.ground_truth, file.source_path)
+        yield WorkItem(path, data, file.key in stored_keys, None, file.key)
 
 
 def _ordered_results(items: Iterator[WorkItem], limits: ImageLimits, workers: int) -> Iterator[Inspected]:
@@ -169,7 +169,7 @@ class _Packer:
 
     def add(self, file: SourceFile, result: Inspected) -> None:
         shard = shard_name(self.next_number)
-        self.members.append(result.members)
+        self.members.append(result.member)
         self.rows.append(
             {"key": file.key, "shard": shard, "source_path": file.source_path, "ground_truth": file.ground_truth,
              "sha256": result.sha256, "width": result.width, "height": result.height}

@@ -2,9 +2,9 @@
 
 Layout of a shard folder (a local path or any fsspec URL: ``memory://``, ``s3://``, ``gs://``; http(s) read-only)::
 
-    shard-000000.tar, shard-000001.tar, ...   # one member per field: '<key>.<ext>' and '<key>.json'
+    shard-000000.tar, shard-000001.tar, ...   # one member per sample: '<key>.<ext>' (jpg or png), like `tar -cf`
     shard-000000.parquet, ...                 # the manifest rows of each shard (sidecar, written before the tar)
-    manifest.parquet                          # one row per sample: the table label sets join on
+    manifest.parquet                          # one row per sample, its metadata: the table label sets join on
     quarantine.parquet, removed.parquet       # ingest reports (see sela.ingest)
 
 A shard is written to ``<name>.tmp`` and renamed once complete, after its sidecar: a ``shard-N.tar`` that exists
@@ -15,7 +15,6 @@ returned by ``read_shards`` is manifest row ``i``.
 
 import hashlib
 import io
-import json
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from PIL import Image
 
 from sela import remote
 from sela.data import Sample, decode_image
-from sela.tarmembers import read_members, sample_members, tar_end
+from sela.tarmembers import read_members, sample_member, tar_end
 
 MANIFEST_NAME = "manifest.parquet"
 SHARD_GLOB = "shard-*.tar"
@@ -47,7 +46,6 @@ _ROW_FIELDS = [
 ]
 SIDECAR_SCHEMA = pa.schema(_ROW_FIELDS)
 MANIFEST_SCHEMA = pa.schema([pa.field("index", pa.int64(), nullable=False), *_ROW_FIELDS])
-_METADATA_FIELD = "json"
 # Path components of '/'-separated words; no dots (WebDataset splits the key there) and no empty parts.
 _VALID_KEY = re.compile(r"[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*")
 # WebDataset's reader silently skips members whose name matches this (its default ``skip_meta``).
@@ -174,10 +172,7 @@ def write_shards(samples: Iterable[Sample], output_dir: str | Path, samples_per_
                 _check_sample(sample, seen)
                 seen[sample.key] = sample.source_path
             shards.append(shard_name(len(shards)))
-            members = [
-                sample_members(sample.key, sample.extension, sample.image, sample.ground_truth, sample.source_path)
-                for sample in chunk
-            ]
+            members = [sample_member(sample.key, sample.extension, sample.image) for sample in chunk]
             write_shard(store, shards[-1], members, [_row_of(sample, shards[-1]) for sample in chunk])
         return write_manifest(store, shards)
     except BaseException:
@@ -234,28 +229,12 @@ def shard_urls(output_dir: str | Path) -> list[str]:
     return [store.url(name) for name in names]
 
 
-def sample_from_record(record: dict[str, object]) -> Sample:
-    """A shard record (``__key__``, one image field, ``json``) as a Sample; raises ValueError otherwise."""
-    image_field = record_image_field(record)
-    if _METADATA_FIELD not in record:
-        raise ValueError(f"{record['__url__']}: sample {record['__key__']!r} has no {_METADATA_FIELD!r} field")
-    metadata = json.loads(record[_METADATA_FIELD])
-    return Sample(
-        key=str(record["__key__"]),
-        image=bytes(record[image_field]),
-        extension=image_field,
-        ground_truth=metadata["ground_truth"],
-        source_path=metadata["source_path"],
-    )
-
-
 def record_image_field(record: dict[str, object]) -> str:
     """The name of the one image field of a record; raises ValueError for none or several."""
-    fields = [name for name in record if not name.startswith("_") and name != _METADATA_FIELD]
+    fields = [name for name in record if not name.startswith("_")]
     if len(fields) != 1:
         raise ValueError(
-            f"{record['__url__']}: sample {record['__key__']!r} has fields {sorted(record)}, "
-            f"expected one image and {_METADATA_FIELD!r}"
+            f"{record['__url__']}: sample {record['__key__']!r} has fields {sorted(record)}, expected one image"
         )
     return fields[0]
 
@@ -295,17 +274,29 @@ def _grouped_records(members: Iterator[tuple[str, bytes]], url: str) -> Iterator
 
 
 def iter_shard_samples(output_dir: str | Path) -> Iterator[Sample]:
-    """Yield the samples stored in the shards of ``output_dir``, in shard file order."""
+    """Yield the samples stored in the shards of ``output_dir``, in shard file order, metadata from the manifest.
+
+    Raises ValueError for a shard sample the manifest does not list.
+    """
+    manifest = read_manifest(output_dir)
+    metadata = {
+        key: (None if pd.isna(truth) else str(truth), str(source))
+        for key, truth, source in zip(manifest["key"], manifest["ground_truth"], manifest["source_path"], strict=True)
+    }
     # No node/worker splitting: this reads every sample, even inside a DDP rank or a loader worker.
     for record in shard_records({"url": url} for url in shard_urls(output_dir)):
-        yield sample_from_record(record)
+        key = str(record["__key__"])
+        if key not in metadata:
+            raise ValueError(f"{output_dir}: shard sample {key!r} is not in the manifest")
+        extension = record_image_field(record)
+        ground_truth, source_path = metadata[key]
+        yield Sample(key, bytes(record[extension]), extension, ground_truth, source_path)
 
 
 def read_shards(output_dir: str | Path, image_size: int) -> LoadedShards:
     """Decode every sample to uint8 (N, image_size, image_size, 3); row i holds the manifest row with index i.
 
-    Raises ValueError when shards and manifest disagree (a key missing on either side, a duplicate key,
-    or ground truth that differs).
+    Raises ValueError when shards and manifest disagree (a key missing on either side, a duplicate key).
     """
     # Rows are addressed by their 'index', not by where they sit in the file.
     manifest = read_manifest(output_dir).sort_values("index", kind="stable", ignore_index=True)
@@ -318,16 +309,9 @@ def read_shards(output_dir: str | Path, image_size: int) -> LoadedShards:
     images = np.zeros((count, image_size, image_size, 3), dtype=np.uint8)
     filled = np.zeros(count, dtype=bool)
     for sample in iter_shard_samples(output_dir):
-        row = row_of_key.get(sample.key)
-        if row is None:
-            raise ValueError(f"{output_dir}: shard sample {sample.key!r} is not in the manifest")
+        row = row_of_key[sample.key]  # iter_shard_samples checked that the manifest lists it
         if filled[row]:
             raise ValueError(f"{output_dir}: key {sample.key!r} appears twice in the shards")
-        if sample.ground_truth != ground_truth[row]:
-            raise ValueError(
-                f"{output_dir}: key {sample.key!r} has ground truth {sample.ground_truth!r} in its shard "
-                f"but {ground_truth[row]!r} in the manifest"
-            )
         images[row] = decode_image(sample.image, image_size)
         filled[row] = True
     if not filled.all():
@@ -344,7 +328,7 @@ def _check_sample(sample: Sample, source_of_key: dict[str, str]) -> None:
             f"{sample.source_path}: key {sample.key!r} cannot be stored in a WebDataset shard "
             "(use '/'-separated parts of letters, digits, '_' and '-', not starting with '__...__')"
         )
-    if not _VALID_EXTENSION.fullmatch(sample.extension) or sample.extension == _METADATA_FIELD:
+    if not _VALID_EXTENSION.fullmatch(sample.extension):
         raise ValueError(f"{sample.source_path}: image extension {sample.extension!r} is not allowed")
     if sample.key in source_of_key:
         raise ValueError(f"duplicate key {sample.key!r}: {source_of_key[sample.key]} and {sample.source_path}")
