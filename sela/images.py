@@ -10,6 +10,7 @@ reason instead. This module imports only Pillow, simplejpeg, numpy and the tar m
 
 import hashlib
 import io
+import os
 import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -29,6 +30,7 @@ _EXIF_ORIENTATION = 0x0112
 _JPEG_QUALITY = 95
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 _JPEG_SIGNATURE = b"\xff\xd8\xff"
+_READ_CHUNK = 1 << 20
 # libjpeg-turbo colourspace (simplejpeg's header) -> the output simplejpeg can decode it to.
 _JPEG_DECODE_AS = {"YCbCr": "RGB", "RGB": "RGB", "Gray": "GRAY", "CMYK": "CMYK", "YCCK": "CMYK"}
 
@@ -185,6 +187,19 @@ class WorkItem(NamedTuple):
     key: str = ""
 
 
+def read_file(path: str) -> bytes:
+    """A file's bytes through raw ``os`` calls: half the cost of ``open().read()`` (no file objects), which
+    matters when reading 30 k small files a second."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        chunks = []
+        while chunk := os.read(descriptor, _READ_CHUNK):
+            chunks.append(chunk)
+    finally:
+        os.close(descriptor)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
 def inspect_batch(items: list[WorkItem], limits: ImageLimits) -> list[Inspected]:
     """``inspect_image`` over a batch, in order: one process-pool task per batch keeps the IPC overhead low."""
     return [_inspect_item(item, limits) for item in items]
@@ -196,8 +211,7 @@ def _inspect_item(item: WorkItem, limits: ImageLimits) -> Inspected:
     if item.data is None:
         assert item.path is not None  # a work item carries a path or bytes
         try:
-            with open(item.path, "rb") as handle:  # not pathlib: its parsing costs as much as reading a small file
-                data = handle.read()
+            data = read_file(item.path)
         except OSError as error:
             return Inspected(sha256="", reason=f"unreadable: {error.strerror or error}")
     else:
