@@ -32,6 +32,9 @@ from sela.config import ShardParams
 from sela.data import SourceFile, iter_payloads, list_source
 from sela.images import ImageLimits, Inspected, WorkItem, inspect_batch
 from sela.shards import (
+    QUARANTINE_NAME,
+    REMOVED_NAME,
+    STATE_NAME,
     ShardStore,
     parquet_bytes,
     read_sidecars,
@@ -41,9 +44,6 @@ from sela.shards import (
     write_shard,
 )
 
-STATE_NAME = "ingest.json"
-QUARANTINE_NAME = "quarantine.parquet"
-REMOVED_NAME = "removed.parquet"
 QUARANTINE_SCHEMA = pa.schema(
     [pa.field("path", pa.string(), nullable=False), pa.field("key", pa.string(), nullable=False),
      pa.field("reason", pa.string(), nullable=False)]
@@ -94,19 +94,24 @@ def ingest(
     manifest = write_manifest(store, kept_shards + packer.written)
     listed = {file.key for file in listing.files}
     gone = [key not in listed for key in stored["key"]]  # a set lookup: pandas' isin on strings is 10x slower
-    removed = stored.loc[gone, ["key", "source_path", "shard"]]
-    store.write_atomic(QUARANTINE_NAME, parquet_bytes(pa.Table.from_pylist(quarantine, schema=QUARANTINE_SCHEMA)))
-    removed_table = pa.Table.from_pandas(removed, schema=REMOVED_SCHEMA, preserve_index=False)
-    store.write_atomic(REMOVED_NAME, parquet_bytes(removed_table.replace_schema_metadata(None)))
+    removed = stored.loc[gone, ["key", "source_path", "shard"]].reset_index(drop=True)
+    _write_reports(store, quarantine, removed)
     return IngestReport(
         manifest=manifest,
         quarantine=pd.DataFrame(quarantine, columns=QUARANTINE_SCHEMA.names),
-        removed=removed.reset_index(drop=True),
+        removed=removed,
         inputs=len(listing.files),
         written_shards=packer.written,
         kept_shards=kept_shards,
         restarted=restarted,
     )
+
+
+def _write_reports(store: ShardStore, quarantine: list[dict[str, str]], removed: pd.DataFrame) -> None:
+    """``quarantine.parquet`` and ``removed.parquet`` (schema fixed, no pandas metadata: stable bytes)."""
+    store.write_atomic(QUARANTINE_NAME, parquet_bytes(pa.Table.from_pylist(quarantine, schema=QUARANTINE_SCHEMA)))
+    removed_table = pa.Table.from_pandas(removed, schema=REMOVED_SCHEMA, preserve_index=False)
+    store.write_atomic(REMOVED_NAME, parquet_bytes(removed_table.replace_schema_metadata(None)))
 
 
 def _prepare(store: ShardStore, params: ShardParams) -> bool:

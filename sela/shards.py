@@ -33,6 +33,11 @@ from sela.data import Sample, decode_image
 from sela.tarmembers import read_members, sample_member, tar_end
 
 MANIFEST_NAME = "manifest.parquet"
+STATE_NAME = "ingest.json"
+QUARANTINE_NAME = "quarantine.parquet"
+REMOVED_NAME = "removed.parquet"
+# Everything a run writes next to the shards (removed with them when a folder is rebuilt).
+OUTPUT_NAMES = (MANIFEST_NAME, STATE_NAME, QUARANTINE_NAME, REMOVED_NAME)
 SHARD_GLOB = "shard-*.tar"
 _SHARD_NAME = re.compile(r"shard-(\d{6})\.tar")
 _ROW_FIELDS = [
@@ -197,11 +202,10 @@ def _row_of(sample: Sample, shard: str) -> dict[str, object]:
 def remove_outputs(store: ShardStore) -> None:
     """Delete shards, sidecars, temporary files, manifest and reports; other files are left alone."""
     for name in store.names():
-        if name.startswith("shard-") or name.endswith(".tmp") or name in _REPORT_NAMES:
+        if name.startswith("shard-") or name.endswith(".tmp") or name in OUTPUT_NAMES:
             store.remove(name)
 
 
-_REPORT_NAMES = (MANIFEST_NAME, "quarantine.parquet", "removed.parquet", "ingest.json")
 
 
 def read_manifest(output_dir: str | Path) -> pd.DataFrame:
