@@ -19,6 +19,7 @@ key in every run. Everything here is a pure function of its inputs: no printing,
 
 import functools
 import io
+import operator
 import os
 import re
 import tarfile
@@ -26,6 +27,7 @@ import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
+from typing import NamedTuple
 
 import fsspec
 import numpy as np
@@ -54,9 +56,8 @@ class Sample:
     source_path: str
 
 
-@dataclass(frozen=True, slots=True)
-class SourceFile:
-    """One input file before its bytes are read.
+class SourceFile(NamedTuple):
+    """One input file before its bytes are read (a NamedTuple: built per file, 3x cheaper than a frozen dataclass).
 
     ``locator`` is how to read it: a local path (``kind == "local"``, read by the ingest workers), an fsspec URL
     (``"remote"``), an archive member name (``"member"``) or a digit index (``"digits"``).
@@ -88,10 +89,10 @@ def escape_key(relative_path: str) -> str:
     ``'cats/a_20photo_2ejpg'``. The extension stays in the key, so 'a.png' and 'a.jpg' do not collide, and a key
     never holds a dot (WebDataset splits member names at the first dot) nor '__' (WebDataset skips '__x__').
     """
-    parts = unicodedata.normalize("NFC", relative_path).split("/")
-    if any(part in ("", ".", "..") for part in parts):
+    normalized = unicodedata.normalize("NFC", relative_path)
+    if not _NOT_NAMES.isdisjoint(normalized.split("/")):
         raise ValueError(f"{relative_path!r} is not a normalised relative path")
-    return "/".join(part.translate(_ESCAPES) for part in parts)
+    return normalized.translate(_ESCAPES)  # '/' maps to itself: the parts are escaped in one call
 
 
 def unescape_key(key: str) -> str:
@@ -112,7 +113,10 @@ class _EscapeTable(dict[int, str]):
 
 
 # One table per process: str.translate escapes a whole name in C, 3x faster than a regex with a callback.
-_ESCAPES = _EscapeTable()
+_ESCAPES = _EscapeTable({ord("/"): "/"})
+_KEY_AND_PATH = operator.itemgetter(0, 1)  # SourceFile (key, source_path): the listing order
+# Path parts that are not file or folder names.
+_NOT_NAMES = frozenset(("", ".", ".."))
 
 
 def list_source(source: str, image_size: int) -> SourceListing:
@@ -233,7 +237,7 @@ def _digits_listing(image_size: int) -> SourceListing:
 
 
 def _source_file(relative: str, source_path: str, kind: str, locator: str) -> SourceFile:
-    parts = unicodedata.normalize("NFC", relative).split("/")
+    parts = unicodedata.normalize("NFC", relative).rsplit("/", 2)
     ground_truth = parts[-2] if len(parts) > 1 else None
     return SourceFile(escape_key(relative), source_path, ground_truth, kind, locator)
 
@@ -241,7 +245,7 @@ def _source_file(relative: str, source_path: str, kind: str, locator: str) -> So
 def _sorted(source: str, files: list[SourceFile]) -> list[SourceFile]:
     if not files:
         raise ValueError(f"image source {source!r} holds no files")
-    return sorted(files, key=lambda file: (file.key, file.source_path))
+    return sorted(files, key=_KEY_AND_PATH)
 
 
 def _sorted_listing(source: str, files: list[SourceFile]) -> SourceListing:

@@ -20,7 +20,7 @@ of workers, and a killed run resumed gives the same bytes as an uninterrupted on
 import json
 import multiprocessing
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
@@ -30,7 +30,7 @@ import pyarrow as pa
 
 from sela.config import ShardParams
 from sela.data import SourceFile, iter_payloads, list_source
-from sela.images import ImageLimits, Inspected, WorkItem, inspect_batch
+from sela.images import BatchResult, ImageLimits, WorkBatch, inspect_batch
 from sela.shards import (
     QUARANTINE_NAME,
     REMOVED_NAME,
@@ -52,8 +52,8 @@ REMOVED_SCHEMA = pa.schema(
     [pa.field("key", pa.string(), nullable=False), pa.field("source_path", pa.string(), nullable=False),
      pa.field("shard", pa.string(), nullable=False)]
 )
-# Files per process-pool task: large enough to amortise pickling, small enough to keep all workers busy.
-_BATCH = 64
+# Files per process-pool task: large enough to amortise the task round trip, small enough to keep all workers busy.
+_BATCH = 256
 _STATE_VERSION = 2  # 2: one member per sample (metadata only in the manifest)
 
 
@@ -86,8 +86,8 @@ def ingest(
     kept_shards = store.finished_shards()
     stored = read_sidecars(store, kept_shards).to_pandas()
     limits = ImageLimits(min_side=params.min_side, max_side=params.max_side)
-    items = _work_items(iter_payloads(listing), set(stored["key"]))
-    results = _ordered_results(items, limits, workers)
+    batches = _work_batches(iter_payloads(listing), set(stored["key"]))
+    results = _ordered_results(batches, limits, workers)
     packer = _Packer(store, params.samples_per_shard, first_number=len(kept_shards))
     quarantine = _pack(listing.files, results, stored, packer, progress)
     packer.flush()
@@ -130,36 +130,42 @@ def _prepare(store: ShardStore, params: ShardParams) -> bool:
     return restarted
 
 
-def _work_items(payloads: Iterable[tuple[SourceFile, bytes | None]], stored_keys: set[str]) -> Iterator[WorkItem]:
-    """One work item per file in listing order; key clashes (names equal after NFC) are decided here."""
+def _work_batches(
+    payloads: Iterator[tuple[SourceFile, bytes | None]], stored_keys: set[str]
+) -> Iterator[WorkBatch]:
+    """Work batches of ``_BATCH`` files in listing order; key clashes (names equal after NFC) are decided here."""
     owner_of_key: dict[str, str] = {}
-    for file, data in payloads:
-        if file.key in owner_of_key:
-            yield WorkItem(None, reason=f"same key as {owner_of_key[file.key]} (names equal after normalisation)")
-            continue
-        owner_of_key[file.key] = file.source_path
-        path = file.locator if file.kind == "local" else None
-        yield WorkItem(path, data, file.key in stored_keys, None, file.key)
+    for chunk in iter(lambda: list(islice(payloads, _BATCH)), []):
+        batch = WorkBatch([], [], [], [], [])
+        for file, data in chunk:
+            owner = owner_of_key.get(file.key)
+            if owner is None:
+                owner_of_key[file.key] = file.source_path
+            batch.paths.append(file.locator if file.kind == "local" and owner is None else None)
+            batch.datas.append(data if owner is None else None)
+            batch.hash_only.append(file.key in stored_keys)
+            batch.reasons.append(None if owner is None else f"same key as {owner} (names equal after normalisation)")
+            batch.keys.append(file.key)
+        yield batch
 
 
-def _ordered_results(items: Iterator[WorkItem], limits: ImageLimits, workers: int) -> Iterator[Inspected]:
-    """``inspect_batch`` over ``items`` in input order, with at most ``2 * workers`` batches in flight."""
-    batches = iter(lambda: list(islice(items, _BATCH)), [])
+def _ordered_results(batches: Iterator[WorkBatch], limits: ImageLimits, workers: int) -> Iterator[BatchResult]:
+    """``inspect_batch`` over ``batches`` in input order, with at most ``2 * workers`` batches in flight."""
     if workers == 1:
         for batch in batches:
-            yield from inspect_batch(batch, limits)
+            yield inspect_batch(batch, limits)
         return
     # fork: workers start in milliseconds with everything imported; spawn/forkserver would re-import the caller's
     # __main__ (a Prefect flow module: seconds per worker). Workers run only sela.images (no locks, no threads).
     context = multiprocessing.get_context("fork")
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        in_flight: deque[Future[list[Inspected]]] = deque()
+        in_flight: deque[Future[BatchResult]] = deque()
         for batch in batches:
             in_flight.append(pool.submit(inspect_batch, batch, limits))
             if len(in_flight) >= 2 * workers:
-                yield from in_flight.popleft().result()
+                yield in_flight.popleft().result()
         while in_flight:
-            yield from in_flight.popleft().result()
+            yield in_flight.popleft().result()
 
 
 class _Packer:
@@ -169,17 +175,14 @@ class _Packer:
         self.store = store
         self.samples_per_shard = samples_per_shard
         self.next_number = first_number
-        self.members: list[bytes] = []
-        self.rows: list[dict[str, object]] = []
+        self.members: list[memoryview] = []
+        self.rows: list[tuple[str, str, str | None, str, int, int]] = []
         self.written: list[str] = []
 
-    def add(self, file: SourceFile, result: Inspected) -> None:
-        shard = shard_name(self.next_number)
-        self.members.append(result.member)
-        self.rows.append(
-            {"key": file.key, "shard": shard, "source_path": file.source_path, "ground_truth": file.ground_truth,
-             "sha256": result.sha256, "width": result.width, "height": result.height}
-        )
+    def add(self, file: SourceFile, sha256: str, width: int, height: int, member: memoryview) -> None:
+        """One accepted sample: its tar ``member`` (a slice of a worker's batch) and its manifest row."""
+        self.members.append(member)
+        self.rows.append((file.key, file.source_path, file.ground_truth, sha256, width, height))
         if len(self.members) == self.samples_per_shard:
             self.flush()
 
@@ -187,7 +190,11 @@ class _Packer:
         if not self.members:
             return
         shard = shard_name(self.next_number)
-        write_shard(self.store, shard, self.members, self.rows)
+        # Rows transposed in C into the sidecar's columns: a dict per row costs more than the rest of the packing.
+        keys, source_paths, ground_truth, sha256, widths, heights = map(list, zip(*self.rows, strict=True))
+        columns = {"key": keys, "shard": [shard] * len(keys), "source_path": source_paths,
+                   "ground_truth": ground_truth, "sha256": sha256, "width": widths, "height": heights}
+        write_shard(self.store, shard, self.members, columns)
         self.written.append(shard)
         self.next_number += 1
         self.members, self.rows = [], []
@@ -195,27 +202,35 @@ class _Packer:
 
 def _pack(
     files: list[SourceFile],
-    results: Iterator[Inspected],
+    results: Iterator[BatchResult],
     stored: pd.DataFrame,
     packer: _Packer,
     progress: Callable[[int], None] | None,
 ) -> list[dict[str, str]]:
-    """Route each result to the packer or the quarantine list (returned, in key order)."""
+    """Route each file's result to the packer or the quarantine list (returned, in key order)."""
     stored_sha = dict(zip(stored["key"], stored["sha256"], strict=True))
     owner_of_sha = dict(zip(stored["sha256"], stored["source_path"], strict=False))
     quarantine: list[dict[str, str]] = []
-    for file, result in zip(files, results, strict=True):
-        reason = result.reason
-        if reason is None and file.key in stored_sha:
-            if result.sha256 != stored_sha[file.key]:
-                reason = f"changed since ingested (stored sha256 {stored_sha[file.key][:12]}...; old sample kept)"
-        elif reason is None and result.sha256 in owner_of_sha:
-            reason = f"duplicate of {owner_of_sha[result.sha256]}"
-        elif reason is None:
-            owner_of_sha[result.sha256] = file.source_path
-            packer.add(file, result)
-        if reason is not None:
-            quarantine.append({"path": file.source_path, "key": file.key, "reason": reason})
+    remaining = iter(files)
+    for result in results:
+        members, offset = memoryview(result.members), 0
+        batch_files = list(islice(remaining, len(result.reasons)))
+        columns = (result.sha256, result.reasons, result.widths, result.heights, result.member_sizes)
+        outcomes = zip(batch_files, *columns, strict=True)
+        for file, sha256, reason, width, height, size in outcomes:
+            if reason is None and file.key in stored_sha:
+                if sha256 != stored_sha[file.key]:
+                    reason = f"changed since ingested (stored sha256 {stored_sha[file.key][:12]}...; old sample kept)"
+            elif reason is None and sha256 in owner_of_sha:
+                reason = f"duplicate of {owner_of_sha[sha256]}"
+            elif reason is None:
+                owner_of_sha[sha256] = file.source_path
+                packer.add(file, sha256, width, height, members[offset : offset + size])
+            if reason is not None:
+                quarantine.append({"path": file.source_path, "key": file.key, "reason": reason})
+            offset += size
         if progress is not None:
-            progress(1)
+            progress(len(result.reasons))
+    if next(remaining, None) is not None:
+        raise RuntimeError("ingest workers returned fewer results than files listed")
     return quarantine

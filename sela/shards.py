@@ -16,7 +16,7 @@ returned by ``read_shards`` is manifest row ``i``.
 import hashlib
 import io
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,14 +127,16 @@ def parquet_bytes(table: pa.Table) -> bytes:
     return buffer.getvalue()
 
 
-def write_shard(store: ShardStore, shard: str, members: list[bytes], rows: list[dict[str, object]]) -> None:
-    """Write one shard from its samples' tar ``members`` (``sela.tarmembers``), then its sidecar of manifest
-    ``rows`` (without 'index'), then commit it by renaming the tar into place."""
-    payload = b"".join(members)
+def write_shard(
+    store: ShardStore, shard: str, members: Sequence[bytes | memoryview], columns: dict[str, list[object]]
+) -> None:
+    """Write one shard from its samples' tar ``members`` (``sela.tarmembers``), then its sidecar of manifest rows
+    (``columns``: ``SIDECAR_SCHEMA`` name -> one value per sample), then commit it by renaming the tar into place."""
+    payload = b"".join([*members, tar_end(sum(len(member) for member in members))])
     store.filesystem.makedirs(store.root, exist_ok=True)
     temporary = store.path(f"{shard}.tmp")
-    store.filesystem.pipe_file(temporary, payload + tar_end(len(payload)))
-    store.write_atomic(sidecar_name(shard), parquet_bytes(pa.Table.from_pylist(rows, schema=SIDECAR_SCHEMA)))
+    store.filesystem.pipe_file(temporary, payload)
+    store.write_atomic(sidecar_name(shard), parquet_bytes(pa.Table.from_pydict(columns, schema=SIDECAR_SCHEMA)))
     store.filesystem.mv(temporary, store.path(shard))
 
 
@@ -178,7 +180,9 @@ def write_shards(samples: Iterable[Sample], output_dir: str | Path, samples_per_
                 seen[sample.key] = sample.source_path
             shards.append(shard_name(len(shards)))
             members = [sample_member(sample.key, sample.extension, sample.image) for sample in chunk]
-            write_shard(store, shards[-1], members, [_row_of(sample, shards[-1]) for sample in chunk])
+            rows = [_row_of(sample, shards[-1]) for sample in chunk]
+            columns = {name: [row[name] for row in rows] for name in SIDECAR_SCHEMA.names}
+            write_shard(store, shards[-1], members, columns)
         return write_manifest(store, shards)
     except BaseException:
         remove_outputs(store)

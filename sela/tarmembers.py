@@ -105,6 +105,8 @@ def _template() -> tuple[bytes, int]:
 
 
 _TEMPLATE, _TEMPLATE_SUM = _template()
+# The fixed runs of the template between name, size and checksum, sliced once (a header is built per sample).
+_MODE_TO_SIZE, _SIZE_TO_CHECKSUM, _AFTER_CHECKSUM = _TEMPLATE[100:124], _TEMPLATE[136:148], _TEMPLATE[156:]
 
 
 def _header(name: bytes, size: int) -> bytes:
@@ -112,8 +114,8 @@ def _header(name: bytes, size: int) -> bytes:
     size_field = b"%011o\x00" % size
     checksum = _TEMPLATE_SUM + sum(name) + sum(size_field)
     return b"".join(
-        (name, bytes(100 - len(name)), _TEMPLATE[100:124], size_field, _TEMPLATE[136:148],
-         b"%06o\x00 " % checksum, _TEMPLATE[156:])
+        (name.ljust(100, b"\x00"), _MODE_TO_SIZE, size_field, _SIZE_TO_CHECKSUM, b"%06o\x00 " % checksum,
+         _AFTER_CHECKSUM)
     )
 
 
