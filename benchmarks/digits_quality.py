@@ -20,9 +20,9 @@ from sklearn.cluster import KMeans
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from sela import export, train  # noqa: E402
 from sela.config import load_params  # noqa: E402
-from sela.data import iter_source  # noqa: E402
+from sela.ingest import ingest  # noqa: E402
 from sela.metrics import label_quality  # noqa: E402
-from sela.shards import read_shards, write_shards  # noqa: E402
+from sela.shards import read_shards  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,7 +46,7 @@ def main() -> None:
     args = parser.parse_args()
     base = load_params(ROOT / "params.yaml")
     with tempfile.TemporaryDirectory() as directory:
-        write_shards(iter_source(base.shard.source, base.shard.image_size), Path(directory), 1000)
+        ingest(base.shard, directory, workers=1)
         loaded = read_shards(Path(directory), base.train.image_size)
     images, truth = torch.from_numpy(loaded.images), loaded.ground_truth
     pixels = loaded.images.reshape(len(images), -1).astype(np.float32) / 255

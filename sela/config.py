@@ -29,9 +29,20 @@ class Section(BaseModel):
 class ShardParams(Section):
     """Stage ``shard``: where images come from and how they are packed into WebDataset shards."""
 
-    source: str = Field(description="'digits' (embedded default), a folder of images, or a .tar/.tar.gz of images")
+    source: str = Field(
+        description="'digits' (embedded default), a folder, a .tar/.tar.gz, a glob or a .txt/.lst list file; "
+        "local or an fsspec URL (s3://, gs://, http(s)://, memory://)"
+    )
     image_size: PositiveInt = Field(description="side of the square RGB image the embedded digits are rendered at")
     samples_per_shard: PositiveInt
+    min_side: PositiveInt = Field(description="images with a side shorter than this are quarantined (too small)")
+    max_side: PositiveInt = Field(description="longer sides are shrunk to this (original size kept in the manifest)")
+
+    @model_validator(mode="after")
+    def _ordered_sides(self) -> "ShardParams":
+        if self.min_side > self.max_side:
+            raise ValueError("min_side must not exceed max_side")
+        return self
 
 
 class AugmentParams(Section):

@@ -1,43 +1,56 @@
-"""WebDataset shards: write samples reproducibly, read them back index-addressable.
+"""WebDataset shards: write them reproducibly and atomically, read them back index-addressable.
 
-Layout of a shard folder::
+Layout of a shard folder (a local path or any fsspec URL: ``memory://``, ``s3://``, ``gs://``; http(s) read-only)::
 
-    shard-000000.tar, shard-000001.tar, ...   # one member per field: '<key>.<ext>' and '<key>.json'
-    manifest.parquet                          # one row per sample, in the order written
+    shard-000000.tar, shard-000001.tar, ...   # one member per sample: '<key>.<ext>' (jpg or png), like `tar -cf`
+    shard-000000.parquet, ...                 # the manifest rows of each shard (sidecar, written before the tar)
+    manifest.parquet                          # one row per sample, its metadata: the table label sets join on
+    quarantine.parquet, removed.parquet       # ingest reports (see sela.ingest)
 
-Shard and manifest bytes depend only on the samples (and the library versions), so DVC sees an unchanged
-output when the input is unchanged. Row ``i`` of every array returned by ``read_shards`` is manifest row ``i``.
+A shard is written to ``<name>.tmp`` and renamed once complete, after its sidecar: a ``shard-N.tar`` that exists
+is finished, which is how an interrupted ingest resumes. Shard and manifest bytes depend only on the samples
+(and the library versions), so DVC sees an unchanged output when the input is unchanged. Row ``i`` of every array
+returned by ``read_shards`` is manifest row ``i``.
 """
 
 import hashlib
-import itertools
-import json
+import io
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import webdataset
+from PIL import Image
 
+from sela import remote
 from sela.data import Sample, decode_image
+from sela.tarmembers import read_members, sample_member, tar_end
 
 MANIFEST_NAME = "manifest.parquet"
+STATE_NAME = "ingest.json"
+QUARANTINE_NAME = "quarantine.parquet"
+REMOVED_NAME = "removed.parquet"
+# Everything a run writes next to the shards (removed with them when a folder is rebuilt).
+OUTPUT_NAMES = (MANIFEST_NAME, STATE_NAME, QUARANTINE_NAME, REMOVED_NAME)
 SHARD_GLOB = "shard-*.tar"
-MANIFEST_SCHEMA = pa.schema(
-    [
-        pa.field("index", pa.int64(), nullable=False),
-        pa.field("key", pa.string(), nullable=False),
-        pa.field("shard", pa.string(), nullable=False),
-        pa.field("source_path", pa.string(), nullable=False),
-        pa.field("ground_truth", pa.string(), nullable=True),
-        pa.field("sha256", pa.string(), nullable=False),
-    ]
-)
-_METADATA_FIELD = "json"
+_SHARD_NAME = re.compile(r"shard-(\d{6})\.tar")
+_ROW_FIELDS = [
+    pa.field("key", pa.string(), nullable=False),
+    pa.field("shard", pa.string(), nullable=False),
+    pa.field("source_path", pa.string(), nullable=False),
+    pa.field("ground_truth", pa.string(), nullable=True),
+    pa.field("sha256", pa.string(), nullable=False),  # of the source file's bytes
+    pa.field("width", pa.int64(), nullable=False),  # original size, before any shrinking
+    pa.field("height", pa.int64(), nullable=False),
+]
+SIDECAR_SCHEMA = pa.schema(_ROW_FIELDS)
+MANIFEST_SCHEMA = pa.schema([pa.field("index", pa.int64(), nullable=False), *_ROW_FIELDS])
 # Path components of '/'-separated words; no dots (WebDataset splits the key there) and no empty parts.
 _VALID_KEY = re.compile(r"[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*")
 # WebDataset's reader silently skips members whose name matches this (its default ``skip_meta``).
@@ -57,130 +70,256 @@ class LoadedShards:
         return len(self.keys)
 
 
-def write_shards(samples: Iterable[Sample], output_dir: Path, samples_per_shard: int) -> pd.DataFrame:
-    """Write ``samples`` to ``output_dir/shard-NNNNNN.tar`` plus ``manifest.parquet``; return the manifest.
+class ShardStore:
+    """A shard folder behind fsspec: names inside it, atomic writes, the finished shards."""
 
-    Earlier shards and manifest in ``output_dir`` are removed first (and again if writing fails), so the
-    folder never mixes two runs. Raises ValueError for no samples, duplicate keys or keys WebDataset cannot read.
-    """
-    if samples_per_shard < 1:
-        raise ValueError(f"samples_per_shard must be positive, got {samples_per_shard}")
-    iterator = iter(samples)
-    first = next(iterator, None)
-    if first is None:
-        raise ValueError("no samples to write: the image source is empty")
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    _remove_outputs(output_dir)
-    # ShardWriter %-formats the whole pattern, so a '%' in the folder name must be escaped.
-    pattern = str(output_dir).replace("%", "%%") + "/shard-%06d.tar"
-    rows: list[dict[str, object]] = []
-    source_of_key: dict[str, str] = {}
-    try:
-        # encoder=False: bytes go in as they are; mtime=0: no wall-clock time in the tar headers.
-        with webdataset.ShardWriter(pattern, maxcount=samples_per_shard, mtime=0, verbose=0, encoder=False) as writer:
-            for index, sample in enumerate(itertools.chain([first], iterator)):
-                _check_sample(sample, source_of_key)
-                source_of_key[sample.key] = sample.source_path
-                metadata = {"ground_truth": sample.ground_truth, "source_path": sample.source_path}
-                writer.write(
-                    {
-                        "__key__": sample.key,
-                        sample.extension: sample.image,
-                        _METADATA_FIELD: json.dumps(metadata, sort_keys=True).encode("utf-8"),
-                    }
-                )
-                rows.append(
-                    {
-                        "index": index,
-                        "key": sample.key,
-                        "shard": Path(writer.fname).name,  # the writer opens the next shard before writing
-                        "source_path": sample.source_path,
-                        "ground_truth": sample.ground_truth,
-                        "sha256": hashlib.sha256(sample.image).hexdigest(),
-                    }
-                )
-        table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
-        # Built from Python lists, not pandas: no pandas metadata (versions, index) in the file.
-        pq.write_table(table, output_dir / MANIFEST_NAME)
-    except BaseException:
-        _remove_outputs(output_dir)
-        raise
+    def __init__(self, location: str | Path) -> None:
+        self.location = str(location)
+        self.filesystem, self.root = fsspec.core.url_to_fs(self.location)
+        self.root = self.root.rstrip("/")
+
+    def path(self, name: str) -> str:
+        return f"{self.root}/{name}"
+
+    def url(self, name: str) -> str:
+        """What WebDataset opens: a local path, or the URL with its scheme (read through ``sela.remote``)."""
+        path = self.path(name)
+        return path if remote.is_local(self.filesystem) else self.filesystem.unstrip_protocol(path)
+
+    def exists(self, name: str) -> bool:
+        return self.filesystem.exists(self.path(name))
+
+    def read_bytes(self, name: str) -> bytes:
+        return self.filesystem.cat_file(self.path(name))
+
+    def write_atomic(self, name: str, data: bytes) -> None:
+        """Write to ``<name>.tmp`` then rename, so a reader or a resumed run never sees half a file."""
+        self.filesystem.makedirs(self.root, exist_ok=True)
+        self.filesystem.pipe_file(self.path(f"{name}.tmp"), data)
+        self.filesystem.mv(self.path(f"{name}.tmp"), self.path(name))
+
+    def names(self) -> list[str]:
+        if not self.filesystem.isdir(self.root):
+            return []
+        return sorted(path.rstrip("/").rpartition("/")[2] for path in self.filesystem.ls(self.root, detail=False))
+
+    def finished_shards(self) -> list[str]:
+        """Shard names whose tar exists (renamed last, so its sidecar is complete), in number order."""
+        return [name for name in self.names() if _SHARD_NAME.fullmatch(name)]
+
+    def remove(self, name: str) -> None:
+        if self.exists(name):
+            self.filesystem.rm_file(self.path(name))
+
+
+def shard_name(number: int) -> str:
+    return f"shard-{number:06d}.tar"
+
+
+def sidecar_name(shard: str) -> str:
+    return shard.removesuffix(".tar") + ".parquet"
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    """Parquet file bytes; built from Arrow, not pandas, so no pandas metadata (versions, index) is stored."""
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    return buffer.getvalue()
+
+
+def write_shard(
+    store: ShardStore, shard: str, members: Sequence[bytes | memoryview], columns: dict[str, list[object]]
+) -> None:
+    """Write one shard from its samples' tar ``members`` (``sela.tarmembers``), then its sidecar of manifest rows
+    (``columns``: ``SIDECAR_SCHEMA`` name -> one value per sample), then commit it by renaming the tar into place."""
+    payload = b"".join([*members, tar_end(sum(len(member) for member in members))])
+    store.filesystem.makedirs(store.root, exist_ok=True)
+    temporary = store.path(f"{shard}.tmp")
+    store.filesystem.pipe_file(temporary, payload)
+    store.write_atomic(sidecar_name(shard), parquet_bytes(pa.Table.from_pydict(columns, schema=SIDECAR_SCHEMA)))
+    store.filesystem.mv(temporary, store.path(shard))
+
+
+def read_sidecars(store: ShardStore, shards: list[str]) -> pa.Table:
+    """The manifest rows (without 'index') of ``shards``, concatenated in the given order."""
+    tables = [
+        pq.read_table(io.BytesIO(store.read_bytes(sidecar_name(shard))), schema=SIDECAR_SCHEMA) for shard in shards
+    ]
+    return pa.concat_tables(tables) if tables else SIDECAR_SCHEMA.empty_table()
+
+
+def write_manifest(store: ShardStore, shards: list[str]) -> pd.DataFrame:
+    """Concatenate the sidecars of ``shards`` in order into ``manifest.parquet`` (index = row); return it."""
+    rows = read_sidecars(store, shards)
+    table = rows.add_column(0, MANIFEST_SCHEMA.field("index"), [pa.array(np.arange(rows.num_rows), pa.int64())])
+    store.write_atomic(MANIFEST_NAME, parquet_bytes(table.cast(MANIFEST_SCHEMA)))
     return _manifest_frame(table)
 
 
-def read_manifest(output_dir: Path) -> pd.DataFrame:
+def write_shards(samples: Iterable[Sample], output_dir: str | Path, samples_per_shard: int) -> pd.DataFrame:
+    """Write already-valid ``samples`` as shards plus ``manifest.parquet`` (no ingest checks); return the manifest.
+
+    For tests and benchmarks that hold samples in memory; the pipeline uses ``sela.ingest``. Earlier outputs are
+    removed first (and again if writing fails), so the folder never mixes two runs. Raises ValueError for no
+    samples, duplicate keys or keys WebDataset cannot read.
+    """
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard must be positive, got {samples_per_shard}")
+    samples = list(samples)
+    if not samples:
+        raise ValueError("no samples to write: the image source is empty")
+    store = ShardStore(output_dir)
+    remove_outputs(store)
+    shards = []
+    seen: dict[str, str] = {}
+    try:
+        for start in range(0, len(samples), samples_per_shard):
+            chunk = samples[start : start + samples_per_shard]
+            for sample in chunk:
+                _check_sample(sample, seen)
+                seen[sample.key] = sample.source_path
+            shards.append(shard_name(len(shards)))
+            members = [sample_member(sample.key, sample.extension, sample.image) for sample in chunk]
+            rows = [_row_of(sample, shards[-1]) for sample in chunk]
+            columns = {name: [row[name] for row in rows] for name in SIDECAR_SCHEMA.names}
+            write_shard(store, shards[-1], members, columns)
+        return write_manifest(store, shards)
+    except BaseException:
+        remove_outputs(store)
+        raise
+
+
+def _row_of(sample: Sample, shard: str) -> dict[str, object]:
+    with Image.open(io.BytesIO(sample.image)) as image:
+        width, height = image.size
+    return {
+        "key": sample.key,
+        "shard": shard,
+        "source_path": sample.source_path,
+        "ground_truth": sample.ground_truth,
+        "sha256": hashlib.sha256(sample.image).hexdigest(),
+        "width": width,
+        "height": height,
+    }
+
+
+def remove_outputs(store: ShardStore) -> None:
+    """Delete shards, sidecars, temporary files, manifest and reports; other files are left alone."""
+    for name in store.names():
+        if name.startswith("shard-") or name.endswith(".tmp") or name in OUTPUT_NAMES:
+            store.remove(name)
+
+
+
+
+def read_manifest(output_dir: str | Path) -> pd.DataFrame:
     """Load ``manifest.parquet`` (string columns as pandas ``string`` dtype, missing ground truth as <NA>)."""
-    path = Path(output_dir) / MANIFEST_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"no shard manifest at {path}: run the shard stage first")
-    return _manifest_frame(pq.read_table(path, schema=MANIFEST_SCHEMA))
+    store = ShardStore(output_dir)
+    try:
+        data = store.read_bytes(MANIFEST_NAME)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no shard manifest at {store.url(MANIFEST_NAME)}: run the shard stage first") from None
+    return _manifest_frame(pq.read_table(io.BytesIO(data), schema=MANIFEST_SCHEMA))
 
 
-def manifest_hash(output_dir: Path) -> str:
+def manifest_hash(output_dir: str | Path) -> str:
     """SHA-256 (hex) of the manifest file's bytes: it changes whenever any sample, key or shard split changes."""
-    return hashlib.sha256((Path(output_dir) / MANIFEST_NAME).read_bytes()).hexdigest()
+    return hashlib.sha256(ShardStore(output_dir).read_bytes(MANIFEST_NAME)).hexdigest()
 
 
-def shard_paths(output_dir: Path) -> list[Path]:
-    """The shard files the manifest names, sorted; raises FileNotFoundError if one is missing."""
-    output_dir = Path(output_dir)
-    paths = [output_dir / name for name in sorted(set(read_manifest(output_dir)["shard"]))]
-    missing = [str(path) for path in paths if not path.is_file()]
+def shard_urls(output_dir: str | Path) -> list[str]:
+    """The shard files the manifest names, sorted, as WebDataset URLs; raises FileNotFoundError if one is missing."""
+    store = ShardStore(output_dir)
+    names = sorted(set(read_manifest(output_dir)["shard"]))
+    missing = [store.url(name) for name in names if not store.exists(name)]
     if missing:
-        raise FileNotFoundError(f"shards listed in {output_dir / MANIFEST_NAME} are missing: {', '.join(missing)}")
-    return paths
+        raise FileNotFoundError(f"shards listed in {store.url(MANIFEST_NAME)} are missing: {', '.join(missing)}")
+    return [store.url(name) for name in names]
 
 
-def iter_shard_samples(output_dir: Path) -> Iterator[Sample]:
-    """Yield the samples stored in the shards of ``output_dir``, in shard file order."""
-    urls = [str(path) for path in shard_paths(output_dir)]
-    # No node/worker splitting: this reads every sample, even inside a DDP rank or a loader worker.
-    dataset = webdataset.WebDataset(urls, shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None)
-    for record in dataset:
-        fields = [name for name in record if not name.startswith("_") and name != _METADATA_FIELD]
-        if len(fields) != 1 or _METADATA_FIELD not in record:
-            raise ValueError(
-                f"{record['__url__']}: sample {record['__key__']!r} has fields {sorted(record)}, "
-                f"expected one image and {_METADATA_FIELD!r}"
-            )
-        metadata = json.loads(record[_METADATA_FIELD])
-        yield Sample(
-            key=record["__key__"],
-            image=record[fields[0]],
-            extension=fields[0],
-            ground_truth=metadata["ground_truth"],
-            source_path=metadata["source_path"],
+def record_image_field(record: dict[str, object]) -> str:
+    """The name of the one image field of a record; raises ValueError for none or several."""
+    fields = [name for name in record if not name.startswith("_")]
+    if len(fields) != 1:
+        raise ValueError(
+            f"{record['__url__']}: sample {record['__key__']!r} has fields {sorted(record)}, expected one image"
         )
+    return fields[0]
 
 
-def read_shards(output_dir: Path, image_size: int) -> LoadedShards:
+def shard_records(shards: Iterable[dict[str, str]]) -> Iterator[dict[str, object]]:
+    """WebDataset pipeline stage: ``{"url": ...}`` items -> records ``{"__key__", "__url__", <ext>: bytes}``.
+
+    Replaces ``webdataset.tarfile_to_samples`` (a ``tarfile`` walk: several times slower per member) for shards
+    of regular files; URLs open through WebDataset's ``gopen``, so the fsspec schemes of ``sela.remote`` work.
+    Members of one sample are consecutive and share the key before the first dot of the file name.
+    """
+    remote.register_gopen()
+    for shard in shards:
+        url = shard["url"]
+        with webdataset.gopen(url, "rb") as stream:
+            yield from _grouped_records(read_members(stream), url)
+
+
+def _grouped_records(members: Iterator[tuple[str, bytes]], url: str) -> Iterator[dict[str, object]]:
+    record: dict[str, object] = {}
+    for name, payload in members:
+        folder, _, file_name = name.rpartition("/")
+        stem, dot, extension = file_name.partition(".")
+        if not dot:
+            raise ValueError(f"{url}: member {name!r} has no extension")
+        key = f"{folder}/{stem}" if folder else stem
+        if record and record["__key__"] != key:
+            yield record
+            record = {}
+        if extension in record:
+            raise ValueError(f"{url}: sample {key!r} has two {extension!r} members")
+        record.setdefault("__key__", key)
+        record.setdefault("__url__", url)
+        record[extension] = payload
+    if record:
+        yield record
+
+
+def iter_shard_samples(output_dir: str | Path) -> Iterator[Sample]:
+    """Yield the samples stored in the shards of ``output_dir``, in shard file order, metadata from the manifest.
+
+    Raises ValueError for a shard sample the manifest does not list.
+    """
+    manifest = read_manifest(output_dir)
+    metadata = {
+        key: (None if pd.isna(truth) else str(truth), str(source))
+        for key, truth, source in zip(manifest["key"], manifest["ground_truth"], manifest["source_path"], strict=True)
+    }
+    # No node/worker splitting: this reads every sample, even inside a DDP rank or a loader worker.
+    for record in shard_records({"url": url} for url in shard_urls(output_dir)):
+        key = str(record["__key__"])
+        if key not in metadata:
+            raise ValueError(f"{output_dir}: shard sample {key!r} is not in the manifest")
+        extension = record_image_field(record)
+        ground_truth, source_path = metadata[key]
+        yield Sample(key, bytes(record[extension]), extension, ground_truth, source_path)
+
+
+def read_shards(output_dir: str | Path, image_size: int) -> LoadedShards:
     """Decode every sample to uint8 (N, image_size, image_size, 3); row i holds the manifest row with index i.
 
-    Raises ValueError when shards and manifest disagree (a key missing on either side, a duplicate key,
-    or ground truth that differs).
+    Raises ValueError when shards and manifest disagree (a key missing on either side, a duplicate key).
     """
     # Rows are addressed by their 'index', not by where they sit in the file.
     manifest = read_manifest(output_dir).sort_values("index", kind="stable", ignore_index=True)
     count = len(manifest)
     if not np.array_equal(manifest["index"].to_numpy(), np.arange(count)):
-        raise ValueError(f"{Path(output_dir) / MANIFEST_NAME}: column 'index' is not a permutation of 0..{count - 1}")
+        raise ValueError(f"{output_dir}/{MANIFEST_NAME}: column 'index' is not a permutation of 0..{count - 1}")
     keys = manifest["key"].tolist()
     ground_truth = [None if pd.isna(value) else str(value) for value in manifest["ground_truth"]]
     row_of_key = {key: row for row, key in enumerate(keys)}
     images = np.zeros((count, image_size, image_size, 3), dtype=np.uint8)
     filled = np.zeros(count, dtype=bool)
     for sample in iter_shard_samples(output_dir):
-        row = row_of_key.get(sample.key)
-        if row is None:
-            raise ValueError(f"{output_dir}: shard sample {sample.key!r} is not in the manifest")
+        row = row_of_key[sample.key]  # iter_shard_samples checked that the manifest lists it
         if filled[row]:
             raise ValueError(f"{output_dir}: key {sample.key!r} appears twice in the shards")
-        if sample.ground_truth != ground_truth[row]:
-            raise ValueError(
-                f"{output_dir}: key {sample.key!r} has ground truth {sample.ground_truth!r} in its shard "
-                f"but {ground_truth[row]!r} in the manifest"
-            )
         images[row] = decode_image(sample.image, image_size)
         filled[row] = True
     if not filled.all():
@@ -197,7 +336,7 @@ def _check_sample(sample: Sample, source_of_key: dict[str, str]) -> None:
             f"{sample.source_path}: key {sample.key!r} cannot be stored in a WebDataset shard "
             "(use '/'-separated parts of letters, digits, '_' and '-', not starting with '__...__')"
         )
-    if not _VALID_EXTENSION.fullmatch(sample.extension) or sample.extension == _METADATA_FIELD:
+    if not _VALID_EXTENSION.fullmatch(sample.extension):
         raise ValueError(f"{sample.source_path}: image extension {sample.extension!r} is not allowed")
     if sample.key in source_of_key:
         raise ValueError(f"duplicate key {sample.key!r}: {source_of_key[sample.key]} and {sample.source_path}")
@@ -205,9 +344,3 @@ def _check_sample(sample: Sample, source_of_key: dict[str, str]) -> None:
 
 def _manifest_frame(table: pa.Table) -> pd.DataFrame:
     return table.to_pandas(types_mapper=lambda arrow_type: pd.StringDtype() if arrow_type == pa.string() else None)
-
-
-def _remove_outputs(output_dir: Path) -> None:
-    for path in sorted(output_dir.glob(SHARD_GLOB)):
-        path.unlink()
-    (output_dir / MANIFEST_NAME).unlink(missing_ok=True)

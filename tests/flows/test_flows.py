@@ -64,3 +64,39 @@ def test_bad_value_in_params_yaml_fails_naming_it(prefect_api_url, tmp_path):
     with pytest.raises(ParamsError, match="train.sinkhorn.dtype"):
         sela(root=str(project))
     assert not (project / "data/shards").exists()
+
+
+async def _artifacts():
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        return await client.read_artifacts()
+
+
+def test_shard_flow_reports_quarantined_files_and_duplicates(prefect_api_url, tmp_path):
+    import io
+
+    from PIL import Image
+
+    from flows.shard import shard_flow
+
+    project = make_project(tmp_path / "project")
+    images = tmp_path / "images"
+    (images / "cats").mkdir(parents=True)
+    for index in range(3):
+        buffer = io.BytesIO()
+        Image.new("RGB", (16, 16), (index * 80, 0, 0)).save(buffer, format="PNG")
+        (images / "cats" / f"{index}.png").write_bytes(buffer.getvalue())
+    (images / "cats" / "broken.jpg").write_bytes(b"not a jpeg")
+
+    first = shard_flow(root=str(project), overrides={"shard": {"source": str(images)}})
+    (images / "cats" / "3.png").write_bytes((images / "cats" / "0.png").read_bytes())  # a duplicate arrives
+    second = shard_flow(root=str(project), overrides={"shard": {"source": str(images)}})
+
+    assert (first["num_images"], first["num_quarantined"], first["num_shards"]) == (3, 1, 1)
+    assert (second["num_images"], second["num_quarantined"], second["num_shards"]) == (3, 2, 1)
+    quarantine = pq.read_table(project / "data/shards/quarantine.parquet").to_pydict()
+    assert quarantine["path"] == [f"{images}/cats/3.png", f"{images}/cats/broken.jpg"]
+    assert quarantine["reason"] == [f"duplicate of {images}/cats/0.png", "not an image (unrecognised content)"]
+    tables = [artifact for artifact in asyncio.run(_artifacts()) if artifact.key == "quarantine"]
+    assert any("3.png" in str(table.data) and "broken.jpg" in str(table.data) for table in tables)

@@ -1,15 +1,24 @@
-"""Image sources: embedded digits, folders and tar archives give stable keys, ground truth and original bytes."""
+"""Image sources: digits, folders, archives, globs and list files give every file a stable, escaped key."""
 
 import io
 import itertools
 import tarfile
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import pytest
 from PIL import Image
 
-from sela.data import Sample, decode_image, iter_source, sanitise_key
+from sela.data import (
+    SourceListing,
+    decode_image,
+    escape_key,
+    iter_digit_samples,
+    iter_payloads,
+    list_source,
+    unescape_key,
+)
 
 
 def encode(color: tuple[int, int, int], image_format: str, size: tuple[int, int] = (6, 5)) -> bytes:
@@ -20,7 +29,7 @@ def encode(color: tuple[int, int, int], image_format: str, size: tuple[int, int]
 
 
 # Relative path -> bytes. Odd names on purpose: spaces, dots, non-ASCII, upper-case suffix, a dotted folder,
-# a nested class folder, a loose file (no ground truth) and a non-image file that must be ignored.
+# a nested class folder, a loose file (no ground truth) and a non-image file (listed too: the ingest decides).
 FILES = {
     "cats/a photo.png": encode((255, 0, 0), "PNG"),
     "cats/v1.2.final.JPEG": encode((0, 255, 0), "JPEG"),
@@ -30,14 +39,15 @@ FILES = {
     "notes.txt": b"not an image",
     "v2.0/x.gif": encode((7, 8, 9), "GIF"),
 }
-# (relative path, key, extension, ground truth) in the order the source must yield them.
+# (relative path, key, ground truth) in the order the source must list them (sorted by key).
 EXPECTED = [
-    ("cats/a photo.png", "cats/a_photo", "png", "cats"),
-    ("cats/v1.2.final.JPEG", "cats/v1_2_final", "jpg", "cats"),
-    ("dogs/café.png", "dogs/caf_", "png", "dogs"),
-    ("dogs/puppies/small dog.jpg", "dogs/puppies/small_dog", "jpg", "puppies"),
-    ("loose.png", "loose", "png", None),
-    ("v2.0/x.gif", "v2_0/x", "gif", "v2.0"),
+    ("cats/a photo.png", "cats/a_20photo_2epng", "cats"),
+    ("cats/v1.2.final.JPEG", "cats/v1_2e2_2efinal_2eJPEG", "cats"),
+    ("dogs/café.png", "dogs/caf_c3_a9_2epng", "dogs"),
+    ("dogs/puppies/small dog.jpg", "dogs/puppies/small_20dog_2ejpg", "puppies"),
+    ("loose.png", "loose_2epng", None),
+    ("notes.txt", "notes_2etxt", None),
+    ("v2.0/x.gif", "v2_2e0/x_2egif", "v2.0"),
 ]
 
 
@@ -59,12 +69,19 @@ def make_archive(path: Path, files: dict[str, bytes], prefix: str = "") -> Path:
     return path
 
 
-def describe(samples: list[Sample]) -> list[tuple[str, str, str | None, bytes]]:
-    return [(sample.key, sample.extension, sample.ground_truth, sample.image) for sample in samples]
+def payloads(listing: SourceListing) -> list[tuple[str, str | None, bytes]]:
+    """(key, ground truth, bytes) per file; local files are read here as the ingest workers would."""
+    return [
+        (file.key, file.ground_truth, data if data is not None else Path(file.locator).read_bytes())
+        for file, data in iter_payloads(listing)
+    ]
+
+
+EXPECTED_PAYLOADS = [(key, truth, FILES[relative]) for relative, key, truth in EXPECTED]
 
 
 def test_digits_source_gives_all_samples_with_ten_classes() -> None:
-    samples = list(iter_source("digits", 16))
+    samples = list(iter_digit_samples(16))
 
     assert len(samples) == 1797
     assert {sample.ground_truth for sample in samples} == {str(digit) for digit in range(10)}
@@ -86,20 +103,21 @@ def test_digits_source_gives_all_samples_with_ten_classes() -> None:
 
 
 def test_digits_are_rendered_deterministically_at_the_requested_size() -> None:
-    first_run = [sample.image for sample in itertools.islice(iter_source("digits", 12), 5)]
-    second_run = [sample.image for sample in itertools.islice(iter_source("digits", 12), 5)]
+    first_run = [sample.image for sample in itertools.islice(iter_digit_samples(12), 5)]
+    second_run = [sample.image for sample in itertools.islice(iter_digit_samples(12), 5)]
 
     assert first_run == second_run
     assert Image.open(io.BytesIO(first_run[0])).size == (12, 12)
 
 
-def test_folder_source_gives_sanitised_keys_ground_truth_and_original_bytes(tmp_path: Path) -> None:
+def test_folder_source_lists_every_file_with_escaped_keys_and_ground_truth(tmp_path: Path) -> None:
     root = make_folder(tmp_path / "images", FILES)
 
-    samples = list(iter_source(str(root), 32))
+    listing = list_source(str(root), 32)
 
-    assert describe(samples) == [(key, ext, truth, FILES[relative]) for relative, key, ext, truth in EXPECTED]
-    assert [sample.source_path for sample in samples] == [f"{root}/{relative}" for relative, *_ in EXPECTED]
+    assert payloads(listing) == EXPECTED_PAYLOADS
+    assert [file.source_path for file in listing.files] == [f"{root}/{relative}" for relative, *_ in EXPECTED]
+    assert {file.kind for file in listing.files} == {"local"}
 
 
 @pytest.mark.parametrize(
@@ -107,43 +125,67 @@ def test_folder_source_gives_sanitised_keys_ground_truth_and_original_bytes(tmp_
     [("images.tar.gz", "./", False), ("images.tgz", "", True), ("images.tar", "", True)],
 )
 def test_archive_source_matches_folder_source(tmp_path: Path, name: str, prefix: str, reverse: bool) -> None:
-    folder_samples = list(iter_source(str(make_folder(tmp_path / "images", FILES)), 32))
-    # A reversed member order checks that samples still come out sorted by name.
+    # A reversed member order checks that files still come out sorted by key.
     members = dict(reversed(FILES.items())) if reverse else FILES
     archive = make_archive(tmp_path / name, members, prefix)
 
-    archive_samples = list(iter_source(str(archive), 32))
+    listing = list_source(str(archive), 32)
 
-    assert describe(archive_samples) == describe(folder_samples)
-    assert archive_samples[0].source_path == f"{archive}:{prefix}cats/a photo.png"
+    assert payloads(listing) == EXPECTED_PAYLOADS
+    assert listing.files[0].source_path == f"{archive}:{prefix}cats/a photo.png"
 
 
-def test_archive_with_directory_members_and_top_level_files(tmp_path: Path) -> None:
+def test_archive_with_directory_members_matches_the_folder(tmp_path: Path) -> None:
     root = make_folder(tmp_path / "images", FILES)
     archive = tmp_path / "added.tar.gz"
     with tarfile.open(archive, mode="w:gz") as opened:
         opened.add(root, arcname=".")  # adds directory members too: only regular files count
 
-    assert describe(list(iter_source(str(archive), 32))) == describe(list(iter_source(str(root), 32)))
+    assert payloads(list_source(str(archive), 32)) == EXPECTED_PAYLOADS
 
 
-@pytest.mark.parametrize("names", [("a.png", "a.jpg"), ("a b.png", "a_b.png"), ("x/v1.0.png", "x/v1_0.png")])
-def test_key_collisions_raise_naming_both_files(tmp_path: Path, names: tuple[str, str]) -> None:
-    files = {name: encode((0, 0, 0), "PNG") for name in names}
-    root = make_folder(tmp_path / "images", files)
-    archive = make_archive(tmp_path / "images.tar", files)
+def test_glob_source_keys_are_relative_to_the_part_before_the_wildcard(tmp_path: Path) -> None:
+    root = make_folder(tmp_path / "images", FILES)
 
-    for source in (root, archive):
-        with pytest.raises(ValueError, match="both map to key") as raised:
-            iter_source(str(source), 32)
-        assert all(name in str(raised.value) for name in names)
+    listing = list_source(f"{root}/**/*.png", 32)
+
+    assert [file.key for file in listing.files] == ["cats/a_20photo_2epng", "dogs/caf_c3_a9_2epng", "loose_2epng"]
+    assert payloads(listing)[0][2] == FILES["cats/a photo.png"]
+
+
+def test_list_file_resolves_relative_lines_and_keys_urls_by_scheme(tmp_path: Path) -> None:
+    root = make_folder(tmp_path / "images", FILES)
+    with fsspec.open(f"memory://{tmp_path.name}/extra/dog.png", "wb") as handle:
+        handle.write(FILES["dogs/café.png"])
+    listed = root / "list.txt"
+    listed.write_text(f"# chosen files\ncats/a photo.png\n\nmemory://{tmp_path.name}/extra/dog.png\n")
+
+    listing = list_source(str(listed), 32)
+
+    assert [(file.key, file.kind) for file in listing.files] == [
+        ("cats/a_20photo_2epng", "local"),
+        (f"memory/{escape_key(tmp_path.name)}/extra/dog_2epng", "remote"),
+    ]
+    assert [data for _, _, data in payloads(listing)] == [FILES["cats/a photo.png"], FILES["dogs/café.png"]]
+
+
+def test_remote_folder_source_reads_through_fsspec(tmp_path: Path) -> None:
+    for relative, data in FILES.items():
+        with fsspec.open(f"memory://{tmp_path.name}/{relative}", "wb") as handle:
+            handle.write(data)
+
+    listing = list_source(f"memory://{tmp_path.name}", 32)
+
+    assert payloads(listing) == EXPECTED_PAYLOADS
+    # fsspec's canonical memory URLs carry the root '/'.
+    assert listing.files[0].source_path == f"memory:///{tmp_path.name}/cats/a photo.png"
 
 
 def test_missing_source_raises_with_its_path(tmp_path: Path) -> None:
     missing = tmp_path / "no such folder"
 
     with pytest.raises(FileNotFoundError, match="does not exist") as raised:
-        iter_source(str(missing), 32)
+        list_source(str(missing), 32)
     assert str(missing) in str(raised.value)
 
 
@@ -151,24 +193,44 @@ def test_unusable_sources_raise_with_their_path(tmp_path: Path) -> None:
     other_file = tmp_path / "images.zip"
     other_file.write_bytes(b"PK")
     empty_folder = tmp_path / "empty"
-    make_folder(empty_folder, {"readme.txt": b"no images here"})
+    empty_folder.mkdir()
 
     with pytest.raises(ValueError, match="images.zip"):
-        iter_source(str(other_file), 32)
-    with pytest.raises(ValueError, match="holds no image files"):
-        iter_source(str(empty_folder), 32)
+        list_source(str(other_file), 32)
+    with pytest.raises(ValueError, match="holds no files"):
+        list_source(str(empty_folder), 32)
 
 
-def test_unreadable_image_raises_naming_the_file(tmp_path: Path) -> None:
-    root = make_folder(tmp_path / "images", {"good.png": encode((0, 0, 0), "PNG"), "broken.png": b"not a png"})
+@pytest.mark.parametrize(
+    ("relative", "key"),
+    [
+        ("a b/c.d-e_f.tar.png", "a_20b/c_2ed-e_5ff_2etar_2epng"),
+        ("ünï/çødé.jpg", "_c3_bcn_c3_af/_c3_a7_c3_b8d_c3_a9_2ejpg"),
+        ("__meta__.png", "_5f_5fmeta_5f_5f_2epng"),
+    ],
+)
+def test_escape_key_is_webdataset_safe_and_reversible(relative: str, key: str) -> None:
+    assert escape_key(relative) == key
+    assert unescape_key(key) == relative
+    assert "." not in key and "__" not in key
 
-    with pytest.raises(ValueError, match="broken.png"):
-        list(iter_source(str(root), 32))
+
+def test_escape_key_never_collides_where_the_old_sanitiser_did() -> None:
+    # Each pair mapped to one key when unsafe characters all became '_'.
+    pairs = [("a.png", "a.jpg"), ("a b.png", "a_b.png"), ("x/v1.0.png", "x/v1_0.png"), ("é.png", "ø.png")]
+    for first, second in pairs:
+        assert escape_key(first) != escape_key(second)
 
 
-def test_sanitise_key_keeps_only_webdataset_safe_characters() -> None:
-    assert sanitise_key("a b/c.d-e_f.tar.png") == "a_b/c_d-e_f_tar"
-    assert sanitise_key("ünï/çødé.jpg") == "_n_/__d_"
+def test_decomposed_unicode_names_give_the_same_key_as_composed_ones(tmp_path: Path) -> None:
+    # macOS stores 'é' as 'e' + combining accent; keys must not depend on that.
+    decomposed = "dogs/cafe\u0301.png"
+    root = make_folder(tmp_path / "images", {decomposed: encode((0, 0, 255), "PNG")})
+
+    (file,) = list_source(str(root), 32).files
+
+    assert (file.key, file.ground_truth) == (escape_key("dogs/café.png"), "dogs")
+    assert file.source_path == f"{root}/{decomposed}"
 
 
 @pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P"])
@@ -182,20 +244,22 @@ def test_decode_image_gives_rgb_uint8_of_requested_size(mode: str) -> None:
     assert image.dtype == np.uint8
 
 
+@pytest.mark.parametrize(("mode", "size"), [("RGB", (32, 32)), ("RGB", (45, 20)), ("L", (32, 32)), ("CMYK", (9, 9))])
+def test_decode_image_gives_pillows_pixels_for_jpegs(mode: str, size: tuple[int, int]) -> None:
+    # YCbCr and grey JPEGs take the libjpeg-turbo path, CMYK Pillow's: both must match Pillow's own decode.
+    channels = len(mode)
+    pixels = np.random.default_rng(1).integers(0, 256, size=(size[1], size[0], channels), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.frombytes(mode, size, pixels.tobytes()).save(buffer, format="JPEG")
+    with Image.open(io.BytesIO(buffer.getvalue())) as opened:
+        expected = np.asarray(opened.convert("RGB").resize((32, 32), Image.BILINEAR))
+
+    assert np.array_equal(decode_image(buffer.getvalue(), 32), expected)
+
+
 def test_decode_image_keeps_pixels_when_size_already_matches() -> None:
     pixels = np.random.default_rng(0).integers(0, 256, size=(5, 5, 3), dtype=np.uint8)
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
 
     assert np.array_equal(decode_image(buffer.getvalue(), 5), pixels)
-
-
-def test_decomposed_unicode_names_give_the_same_key_as_composed_ones(tmp_path: Path) -> None:
-    # macOS stores 'é' as 'e' + combining accent; keys must not depend on that.
-    decomposed = "dogs/cafe\u0301.png"
-    root = make_folder(tmp_path / "images", {decomposed: encode((0, 0, 255), "PNG")})
-
-    (sample,) = iter_source(str(root), 32)
-
-    assert (sample.key, sample.ground_truth) == ("dogs/caf_", "dogs")
-    assert sample.source_path == f"{root}/{decomposed}"

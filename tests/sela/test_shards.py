@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from sela import shards
-from sela.data import Sample, decode_image, iter_source
+from sela.data import Sample, decode_image, iter_digit_samples
 from sela.shards import LoadedShards, manifest_hash, read_manifest, read_shards, write_shards
 
 IMAGE_SIZE = 8
@@ -62,7 +62,12 @@ def test_round_trip_keeps_keys_pixels_ground_truth_and_write_order(tmp_path: Pat
 
     assert_matches(loaded, samples)
     assert len(loaded) == 7
-    assert list(manifest.columns) == ["index", "key", "shard", "source_path", "ground_truth", "sha256"]
+    assert list(manifest.columns) == [
+        "index", "key", "shard", "source_path", "ground_truth", "sha256", "width", "height"
+    ]
+    sides = [6 + position % 4 for position in range(7)]
+    assert manifest["width"].tolist() == sides
+    assert manifest["height"].tolist() == sides
     assert manifest["index"].tolist() == list(range(7))
     assert manifest["key"].tolist() == [sample.key for sample in samples]
     assert manifest["source_path"].tolist() == [sample.source_path for sample in samples]
@@ -81,8 +86,8 @@ def test_rows_follow_the_manifest_index_whatever_order_shards_and_rows_are_read_
     manifest_path = output_dir / "manifest.parquet"
     table = pq.read_table(manifest_path)
     pq.write_table(table.take([3, 0, 6, 1, 5, 2, 4]), manifest_path)
-    in_order = shards.shard_paths
-    monkeypatch.setattr(shards, "shard_paths", lambda folder: list(reversed(in_order(folder))))
+    in_order = shards.shard_urls
+    monkeypatch.setattr(shards, "shard_urls", lambda folder: list(reversed(in_order(folder))))
 
     assert_matches(read_shards(output_dir, IMAGE_SIZE), samples)
 
@@ -95,7 +100,8 @@ def test_writing_twice_gives_byte_identical_shards_and_manifest(tmp_path: Path) 
     write_shards(samples, tmp_path / "second", samples_per_shard=2)
     write_shards(iter(samples), tmp_path / "first", samples_per_shard=2)  # overwrite in place, from a generator
 
-    assert list(first) == ["manifest.parquet", "shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+    shard_files = [f"shard-00000{number}.{extension}" for number in range(3) for extension in ("parquet", "tar")]
+    assert list(first) == ["manifest.parquet", *shard_files]
     assert file_hashes(tmp_path / "second") == first
     assert file_hashes(tmp_path / "first") == first
     assert manifest_hash(tmp_path / "second") == first["manifest.parquet"]
@@ -173,7 +179,7 @@ def test_missing_shard_file_raises(tmp_path: Path) -> None:
 
 
 def test_digits_round_trip(tmp_path: Path) -> None:
-    samples = list(itertools.islice(iter_source("digits", IMAGE_SIZE), 25))
+    samples = list(itertools.islice(iter_digit_samples(IMAGE_SIZE), 25))
 
     write_shards(samples, tmp_path / "shards", samples_per_shard=10)
     loaded = read_shards(tmp_path / "shards", IMAGE_SIZE)

@@ -6,7 +6,7 @@ import torch
 
 from sela import train
 from sela.config import load_params
-from sela.data import iter_source
+from sela.data import iter_digit_samples
 from sela.shards import read_shards, write_shards
 from tests.conftest import PROJECT_ROOT
 
@@ -15,7 +15,7 @@ from tests.conftest import PROJECT_ROOT
 def digits(tmp_path_factory) -> tuple[torch.Tensor, list]:
     """The embedded default, through real shards, 16 px. uint8 (1797, 16, 16, 3)."""
     directory = tmp_path_factory.mktemp("shards")
-    write_shards(iter_source("digits", 16), directory, 1000)
+    write_shards(iter_digit_samples(16), directory, 1000)
     loaded = read_shards(directory, 16)
     return torch.from_numpy(loaded.images), loaded.ground_truth
 

@@ -1,0 +1,144 @@
+"""Ingest and read benchmark on a real image collection, each against its baseline measured in the same run.
+
+    python benchmarks/shard.py --archive ../shared/datasets/cifar10/train.tar.gz --workers 2
+
+1. Extracts the archive to a temporary folder (not timed).
+2. Ingest: ``tar -cf`` of the folder (the disk-speed baseline), then ``sela.ingest`` of the same folder with full
+   decode-validation on ``--workers`` processes; prints images/s of each and ingest/tar (goal >= 0.5).
+3. Read: the shards streamed into training batches (``sela.stream.ShardStream``) against torchvision's
+   ``ImageFolder`` + ``DataLoader`` on the extracted folder, same batch size, worker count and decode -> uint8
+   tensor work (``sela.data.decode_image``); prints images/s of each and stream/ImageFolder (goal >= 1.5).
+
+Both sides of each ratio run on a warm page cache (the extraction just wrote the files). On a shared machine the
+figures move with the load of other processes: compare ratios, not absolute rates.
+"""
+
+import argparse
+import os
+import resource
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from sela.config import ShardParams  # noqa: E402
+from sela.data import decode_image  # noqa: E402
+from sela.ingest import ingest  # noqa: E402
+from sela.stream import ShardStream, StreamSettings  # noqa: E402
+
+
+def folder_root(extracted: Path) -> Path:
+    """The folder holding the class folders: 'train/' inside the CIFAR archive, else the extraction itself."""
+    entries = list(extracted.iterdir())
+    return entries[0] if len(entries) == 1 and entries[0].is_dir() else extracted
+
+
+def cpu_seconds() -> float:
+    """CPU time (user + system) of this process and of its finished children so far."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def time_tar(folder: Path, target: Path) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of `tar -cf`."""
+    start, cpu = time.perf_counter(), cpu_seconds()
+    subprocess.run(["tar", "-cf", str(target), "-C", str(folder), "."], check=True)
+    return time.perf_counter() - start, cpu_seconds() - cpu
+
+
+def time_ingest(folder: Path, output: Path, args: argparse.Namespace) -> tuple[float, float, int]:
+    """(wall seconds, CPU seconds of this process and its workers, images ingested)."""
+    params = ShardParams(source=str(folder), image_size=args.image_size, samples_per_shard=args.samples_per_shard,
+                         min_side=8, max_side=1024)
+    start, cpu = time.perf_counter(), cpu_seconds()
+    report = ingest(params, str(output), workers=args.workers)
+    seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu  # the pool's workers have exited: counted
+    if len(report.quarantine):
+        print(f"note: {len(report.quarantine)} files quarantined, e.g. {report.quarantine.iloc[0].to_dict()}")
+    return seconds, cpu, len(report.manifest)
+
+
+def load_as_array(path: str, image_size: int) -> np.ndarray:
+    with open(path, "rb") as handle:
+        return decode_image(handle.read(), image_size)
+
+
+class ToTensor:
+    """uint8 (size, size, 3) array -> tensor, as the stream's collation does (picklable for loader workers)."""
+
+    def __call__(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(array)
+
+
+class Loader:
+    def __init__(self, image_size: int) -> None:
+        self.image_size = image_size
+
+    def __call__(self, path: str) -> np.ndarray:
+        return load_as_array(path, self.image_size)
+
+
+def time_image_folder(folder: Path, args: argparse.Namespace) -> tuple[float, int]:
+    dataset = torchvision.datasets.ImageFolder(str(folder), loader=Loader(args.image_size), transform=ToTensor())
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
+                                         num_workers=args.workers)
+    start = time.perf_counter()
+    count = sum(len(images) for images, _ in loader)
+    return time.perf_counter() - start, count
+
+
+def time_stream(output: Path, args: argparse.Namespace) -> tuple[float, int]:
+    settings = StreamSettings(image_size=args.image_size, batch_size=args.batch_size, shuffle_buffer=1000, seed=0,
+                              rank=0, world_size=1, num_workers=args.workers)
+    start = time.perf_counter()
+    count = sum(len(batch.keys) for batch in ShardStream(output, settings))
+    return time.perf_counter() - start, count
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--archive", type=Path, default=Path("../shared/datasets/cifar10/train.tar.gz"))
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--samples-per-shard", type=int, default=1000)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as directory:
+        scratch = Path(directory)
+        with tarfile.open(args.archive) as archive:
+            archive.extractall(scratch / "extracted", filter="data")
+        folder = folder_root(scratch / "extracted")
+        tar_seconds, tar_cpu = time_tar(folder, scratch / "folder.tar")
+        ingest_seconds, ingest_cpu, count = time_ingest(folder, scratch / "shards", args)
+        files = sum(1 for path in folder.rglob("*") if path.is_file())
+        print(f"{'step':<28}{'images':>8}{'seconds':>9}{'images/s':>10}{'CPU s':>8}{'us CPU/image':>14}")
+        for name, images, seconds, cpu in [("tar -cf (baseline)", files, tar_seconds, tar_cpu),
+                                           ("ingest, decode-validated", count, ingest_seconds, ingest_cpu)]:
+            rate, cost = images / seconds, cpu / images * 1e6
+            print(f"{name:<28}{images:>8}{seconds:>9.2f}{rate:>10.0f}{cpu:>8.2f}{cost:>14.1f}")
+        folder_seconds, folder_count = time_image_folder(folder, args)
+        stream_seconds, stream_count = time_stream(scratch / "shards", args)
+        for name, images, seconds in [("ImageFolder+DataLoader", folder_count, folder_seconds),
+                                      ("shard stream", stream_count, stream_seconds)]:
+            print(f"{name:<28}{images:>8}{seconds:>9.2f}{images / seconds:>10.0f}")
+        ingest_ratio = (count / ingest_seconds) / (files / tar_seconds)
+        read_ratio = (stream_count / stream_seconds) / (folder_count / folder_seconds)
+        # On an idle machine ingest spreads over the workers while tar uses one core: the CPU-time ratio bounds
+        # what the wall-clock ratio reaches there, whatever else runs now.
+        cpu_ratio = (tar_cpu / files) / (ingest_cpu / count) * min(args.workers, len(os.sched_getaffinity(0)))
+        print(f"ingest / tar: {ingest_ratio:.2f}x (goal >= 0.5); from CPU time on idle cores: {cpu_ratio:.2f}x")
+        print(f"stream / ImageFolder: {read_ratio:.2f}x (goal >= 1.5)")
+        print(f"workers {args.workers}, batch {args.batch_size}, {args.image_size} px, "
+              f"{len(os.sched_getaffinity(0))} cores visible, load average {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()

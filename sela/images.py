@@ -1,0 +1,250 @@
+"""Validate one encoded image and turn it into the bytes a shard stores: the ingest worker's whole job.
+
+``inspect_image`` fully decodes every input (no ``Image.draft``: that skips most of the decode; JPEGs through
+libjpeg-turbo in strict mode, everything else and every conversion through Pillow), then either keeps
+the original bytes (an RGB JPEG/PNG, upright, within the size limit: no re-encode, so ingest runs near disk speed)
+or re-encodes deterministically (PNG for lossless sources, JPEG quality 95 for JPEG sources) after converting the
+mode to RGB, applying the EXIF orientation and shrinking the long side. A file that cannot become an image gets a
+reason instead. This module imports only Pillow, simplejpeg, numpy and the tar member builder: workers start fast.
+"""
+
+import hashlib
+import io
+import os
+import warnings
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import simplejpeg
+from PIL import Image, ImageOps
+
+from sela.tarmembers import sample_member
+
+# Formats accepted (Pillow format name -> nothing); anything else Pillow can open (ICO, PSD, PPM, EPS, ...) is
+# quarantined as unsupported: uncommon in photo collections, and some decode through external programs.
+SUPPORTED_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "TIFF", "WEBP")
+# Originals kept byte for byte when nothing needs converting; the shard field is named after the real format.
+_KEPT_AS_IS = {"JPEG": "jpg", "PNG": "png"}
+_EXIF_ORIENTATION = 0x0112
+_JPEG_QUALITY = 95
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+_JPEG_SIGNATURE = b"\xff\xd8\xff"
+# Read size: a small file arrives in one call. Not 1 MiB: os.read allocates the whole request before shrinking it,
+# and a buffer that large can cost an mmap, page faults and a munmap per file (26 us against 6 us per 1 KB file).
+_READ_CHUNK = 1 << 16
+# libjpeg-turbo colourspace (simplejpeg's header) -> the output simplejpeg can decode it to.
+_JPEG_DECODE_AS = {"YCbCr": "RGB", "RGB": "RGB", "Gray": "GRAY", "CMYK": "CMYK", "YCCK": "CMYK"}
+
+
+@dataclass(frozen=True, slots=True)
+class ImageLimits:
+    """Size rules: images with a side below ``min_side`` are quarantined, a long side above ``max_side`` shrinks."""
+
+    min_side: int
+    max_side: int
+
+
+class Inspected(NamedTuple):
+    """The outcome for one input file: ``reason`` is None for an accepted image, else why it was quarantined.
+
+    ``sha256`` is of the source bytes (empty when they could not be read); ``width``/``height`` are the original
+    size, ``image``/``extension`` what the shard stores (empty when quarantined).
+    """
+
+    sha256: str
+    reason: str | None
+    width: int = 0
+    height: int = 0
+    extension: str = ""
+    image: bytes = b""
+
+
+def inspect_image(data: bytes, limits: ImageLimits) -> Inspected:
+    """Decode ``data`` fully and return what the shard stores, or the reason the file is quarantined."""
+    sha256 = hashlib.sha256(data).hexdigest()
+    if not data:
+        return Inspected(sha256, "empty file (0 bytes)")
+    if data.startswith(_JPEG_SIGNATURE):
+        checked = _inspect_jpeg(data, sha256, limits)
+        if checked is not None:
+            return checked
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns (not raises) on some damaged files: treat every warning as a broken image.
+            warnings.simplefilter("error")
+            return _decoded(data, sha256, limits)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        return Inspected(sha256, f"too many pixels: {error}")
+    except Image.UnidentifiedImageError:
+        return Inspected(sha256, "not an image (unrecognised content)")
+    except (OSError, ValueError, SyntaxError, EOFError, Warning, MemoryError) as error:
+        # Pillow reports truncated and corrupt data with several unrelated exception types.
+        return Inspected(sha256, f"corrupt image: {type(error).__name__}: {error}")
+
+
+def _inspect_jpeg(data: bytes, sha256: str, limits: ImageLimits) -> Inspected | None:
+    """JPEG fast path: header and a strict full decode by libjpeg-turbo (simplejpeg, 4x Pillow's speed).
+
+    Every JPEG goes through this check, so a JPEG is judged the same way whether or not it then needs Pillow:
+    strict mode makes libjpeg's corrupt-data warnings errors. Returns None when the image is valid but needs
+    converting (not YCbCr, EXIF present, too large): Pillow then decodes it again to convert it.
+    """
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError as error:
+        return Inspected(sha256, f"corrupt image: {error}")
+    if width * height > (Image.MAX_IMAGE_PIXELS or width * height):
+        return Inspected(sha256, f"too many pixels: {width}x{height} > {Image.MAX_IMAGE_PIXELS}", width, height)
+    if min(width, height) < limits.min_side:
+        return Inspected(sha256, f"too small: {width}x{height} (min side {limits.min_side})", width, height)
+    try:
+        simplejpeg.decode_jpeg(data, colorspace=_JPEG_DECODE_AS.get(colorspace, "RGB"), strict=True)
+    except ValueError as error:
+        return Inspected(sha256, f"corrupt image: {error}", width, height)
+    if colorspace == "YCbCr" and max(width, height) <= limits.max_side and not _has_exif(data):
+        return Inspected(sha256, None, width, height, "jpg", data)
+    return None
+
+
+def _has_exif(data: bytes) -> bool:
+    """True if an APP1 'Exif' segment precedes the image data (it may carry an orientation to apply)."""
+    position = 2
+    while position + 4 <= len(data) and data[position] == 0xFF and 0xE0 <= data[position + 1] <= 0xEF:
+        if data[position + 1] == 0xE1 and data[position + 4 : position + 10] == b"Exif\x00\x00":
+            return True
+        position += 2 + int.from_bytes(data[position + 2 : position + 4], "big")
+    return False
+
+
+def _decoded(data: bytes, sha256: str, limits: ImageLimits) -> Inspected:
+    with Image.open(io.BytesIO(data)) as opened:
+        image_format = opened.format or "unknown"
+        if image_format not in SUPPORTED_FORMATS:
+            return Inspected(sha256, f"unsupported format: {image_format}")
+        width, height = opened.size
+        if min(width, height) < limits.min_side:
+            return Inspected(sha256, f"too small: {width}x{height} (min side {limits.min_side})", width, height)
+        opened.load()  # the full decode: raises on truncated or corrupt pixel data
+        orientation = opened.getexif().get(_EXIF_ORIENTATION, 1)
+        keep = image_format in _KEPT_AS_IS and opened.mode == "RGB" and orientation in (0, 1)
+        keep = keep and max(width, height) <= limits.max_side
+        if keep:
+            return Inspected(sha256, None, width, height, _KEPT_AS_IS[image_format], data)
+        rgb = _to_rgb(ImageOps.exif_transpose(opened) if orientation not in (0, 1) else opened)
+    rgb = _shrunk(rgb, limits.max_side)
+    lossy = image_format == "JPEG"
+    return Inspected(sha256, None, width, height, "jpg" if lossy else "png", _encode(rgb, lossy))
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """RGB with the same pixels: alpha composited on white, 16-bit scaled to 8-bit (Pillow's convert clips it)."""
+    if image.mode in _SIXTEEN_BIT_MODES:
+        values = np.asarray(image, dtype=np.int64).clip(0, 65535)
+        return Image.fromarray((values // 257).astype(np.uint8)).convert("RGB")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _shrunk(image: Image.Image, max_side: int) -> Image.Image:
+    """Long side down to ``max_side`` (aspect kept, each side at least 1 pixel); smaller images unchanged."""
+    width, height = image.size
+    if max(width, height) <= max_side:
+        return image
+    scale = max_side / max(width, height)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return image.resize(size, Image.LANCZOS)
+
+
+def _encode(image: Image.Image, lossy: bool) -> bytes:
+    """Deterministic bytes: fixed settings, no metadata (EXIF, ICC, time) carried over."""
+    buffer = io.BytesIO()
+    if lossy:
+        image.save(buffer, format="JPEG", quality=_JPEG_QUALITY, optimize=False, progressive=False)
+    else:
+        image.save(buffer, format="PNG", optimize=False, compress_level=6)
+    return buffer.getvalue()
+
+
+class WorkBatch(NamedTuple):
+    """The inputs of one worker task as columns of ``n`` entries: a tuple of lists pickles several times faster
+    than ``n`` tuples, and the process pool moves tens of thousands of files a second.
+
+    Per file: a local ``paths`` entry to read, or its ``datas`` bytes; ``hash_only`` skips the decode (the file is
+    already in a shard: only its hash is compared); a ``reasons`` entry means the main process already
+    quarantined the file and nothing is read; ``keys`` names the tar member built for an accepted image.
+    """
+
+    paths: list[str | None]
+    datas: list[bytes | None]
+    hash_only: list[bool]
+    reasons: list[str | None]
+    keys: list[str]
+
+
+class BatchResult(NamedTuple):
+    """The outcomes of a ``WorkBatch`` as columns of ``n`` entries (``members`` aside), in input order.
+
+    ``sha256``/``reasons``/``widths``/``heights`` as in ``Inspected``. ``members`` holds the tar members of the
+    accepted images (``sela.tarmembers``, named after their keys) concatenated, ``member_sizes`` each file's
+    share of it (0: none): one bytes object crosses the pool instead of one per file, and the writing process
+    only slices and concatenates.
+    """
+
+    sha256: list[str]
+    reasons: list[str | None]
+    widths: list[int]
+    heights: list[int]
+    members: bytes
+    member_sizes: list[int]
+
+
+def read_file(path: str) -> bytes:
+    """A file's bytes through raw ``os`` calls: half the cost of ``open().read()`` (no file object, no buffer),
+    which matters when reading 30 k small files a second."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        chunks = []
+        while chunk := os.read(descriptor, _READ_CHUNK):
+            chunks.append(chunk)
+    finally:
+        os.close(descriptor)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def inspect_batch(batch: WorkBatch, limits: ImageLimits) -> BatchResult:
+    """``inspect_image`` over a batch (one process-pool task) and the tar member of every accepted image."""
+    result = BatchResult([], [], [], [], b"", [])
+    members: list[bytes] = []
+    for path, data, hash_only, reason, key in zip(*batch, strict=True):
+        inspected = _inspect_item(path, data, hash_only, reason, limits)
+        result.sha256.append(inspected.sha256)
+        result.reasons.append(inspected.reason)
+        result.widths.append(inspected.width)
+        result.heights.append(inspected.height)
+        member = sample_member(key, inspected.extension, inspected.image) if inspected.image else b""
+        members.append(member)
+        result.member_sizes.append(len(member))
+    return result._replace(members=b"".join(members))
+
+
+def _inspect_item(
+    path: str | None, data: bytes | None, hash_only: bool, reason: str | None, limits: ImageLimits
+) -> Inspected:
+    """One file of a ``WorkBatch``; ``image`` is empty unless the file is a new accepted image."""
+    if reason is not None:
+        return Inspected(sha256="", reason=reason)
+    if data is None:
+        assert path is not None  # a work item carries a path or bytes
+        try:
+            data = read_file(path)
+        except OSError as error:
+            return Inspected(sha256="", reason=f"unreadable: {error.strerror or error}")
+    if hash_only:
+        return Inspected(sha256=hashlib.sha256(data).hexdigest(), reason=None)
+    return inspect_image(data, limits)
