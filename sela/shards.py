@@ -166,7 +166,9 @@ def write_shard_from_files(
         finally:
             os.close(target)
     else:
-        payload = bytearray(length)
+        end = tar_end(length)
+        payload = bytearray(length + len(end))
+        payload[length:] = end
         view, position = memoryview(payload), 0
         for path, offset, size in ranges:
             with open(path, "rb", buffering=0) as handle:
@@ -174,8 +176,11 @@ def write_shard_from_files(
                 if handle.readinto(view[position : position + size]) != size:
                     raise ValueError(f"{path} holds fewer than {offset + size} bytes")
             position += size
-        store.filesystem.pipe_file(temporary, bytes(payload) + tar_end(length))
+        store.filesystem.pipe_file(temporary, bytes(payload))
     return _commit_shard(store, shard, columns)
+
+
+_COPY_CHUNK = 1 << 23  # bytes per read + write where the kernel cannot copy
 
 
 def _copy_range(source: int, offset: int, target: int, position: int, size: int) -> None:
@@ -187,7 +192,7 @@ def _copy_range(source: int, offset: int, target: int, position: int, size: int)
         except OSError as error:  # no in-kernel copy between these files (EXDEV, ENOSYS, EINVAL...): read + write
             if error.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
                 raise
-            chunk = os.pread(source, end - offset, offset)
+            chunk = os.pread(source, min(end - offset, _COPY_CHUNK), offset)
             copied = os.pwrite(target, chunk, position) if chunk else 0
         if copied == 0:
             raise ValueError(f"a spool file ends before byte {end}")
