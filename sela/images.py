@@ -178,6 +178,7 @@ class WorkBatch(NamedTuple):
     Per file: a local ``paths`` entry to read, or its ``datas`` bytes; ``hash_only`` skips the decode (the file is
     already in a shard: only its hash is compared); a ``reasons`` entry means the main process already
     quarantined the file and nothing is read; ``keys`` names the tar member built for an accepted image.
+    ``spool`` is the local file the batch's tar members are written to.
     """
 
     paths: list[str | None]
@@ -185,22 +186,24 @@ class WorkBatch(NamedTuple):
     hash_only: list[bool]
     reasons: list[str | None]
     keys: list[str]
+    spool: str
 
 
 class BatchResult(NamedTuple):
-    """The outcomes of a ``WorkBatch`` as columns of ``n`` entries (``members`` aside), in input order.
+    """The outcomes of a ``WorkBatch`` as columns of ``n`` entries (``spool`` aside), in input order.
 
-    ``sha256``/``reasons``/``widths``/``heights`` as in ``Inspected``. ``members`` holds the tar members of the
-    accepted images (``sela.tarmembers``, named after their keys) concatenated, ``member_sizes`` each file's
-    share of it (0: none): one bytes object crosses the pool instead of one per file, and the writing process
-    only slices and concatenates.
+    ``sha256``/``reasons``/``widths``/``heights`` as in ``Inspected``. The tar members of the accepted images
+    (``sela.tarmembers``, named after their keys) are written, concatenated in input order, to the batch's
+    ``spool`` file (None: no member, no file); ``member_sizes`` is each file's share of it (0: none). Only these
+    small columns cross the process pool: the writing process copies byte ranges of the spool files into shards
+    in the kernel and never holds the image bytes.
     """
 
     sha256: list[str]
     reasons: list[str | None]
     widths: list[int]
     heights: list[int]
-    members: bytes
+    spool: str | None
     member_sizes: list[int]
 
 
@@ -218,19 +221,38 @@ def read_file(path: str) -> bytes:
 
 
 def inspect_batch(batch: WorkBatch, limits: ImageLimits) -> BatchResult:
-    """``inspect_image`` over a batch (one process-pool task) and the tar member of every accepted image."""
-    result = BatchResult([], [], [], [], b"", [])
+    """``inspect_image`` over a batch (one process-pool task); the tar members of the accepted images go to
+    ``batch.spool``."""
+    result = BatchResult([], [], [], [], None, [])
     members: list[bytes] = []
-    for path, data, hash_only, reason, key in zip(*batch, strict=True):
+    for path, data, hash_only, reason, key in zip(
+        batch.paths, batch.datas, batch.hash_only, batch.reasons, batch.keys, strict=True
+    ):
         inspected = _inspect_item(path, data, hash_only, reason, limits)
         result.sha256.append(inspected.sha256)
         result.reasons.append(inspected.reason)
         result.widths.append(inspected.width)
         result.heights.append(inspected.height)
-        member = sample_member(key, inspected.extension, inspected.image) if inspected.image else b""
-        members.append(member)
-        result.member_sizes.append(len(member))
-    return result._replace(members=b"".join(members))
+        if inspected.image:
+            members.append(sample_member(key, inspected.extension, inspected.image))
+            result.member_sizes.append(len(members[-1]))
+        else:
+            result.member_sizes.append(0)
+    if not members:
+        return result
+    write_file(batch.spool, b"".join(members))
+    return result._replace(spool=batch.spool)
+
+
+def write_file(path: str, data: bytes) -> None:
+    """Create (or replace) the file ``path`` holding ``data``, through raw ``os`` calls."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view, written = memoryview(data), 0
+        while written < len(view):
+            written += os.write(descriptor, view[written:])
+    finally:
+        os.close(descriptor)
 
 
 def _inspect_item(

@@ -6,7 +6,10 @@ One run:
 2. if ``ingest.json`` in the output records other parameters (or source), start from scratch; otherwise keep the
    finished shards (a ``shard-N.tar`` exists only once complete) and drop half-written files;
 3. decode-validate the files not yet in a shard on all cores (``sela.images``), in key order, and pack the accepted
-   ones into new shards numbered after the last one; files already in a shard are only hashed;
+   ones into new shards numbered after the last one; files already in a shard are only hashed. Workers spool the
+   tar members of each batch to a file (``.spool/`` in a local output, a local temporary folder for a remote
+   one) and return only metadata: this process copies byte ranges of the spool files into the shards
+   (in the kernel for a local output) and never holds the image bytes;
 4. write ``manifest.parquet`` (every sample, old shards first), ``quarantine.parquet`` (path, key, reason: every
    input file that is not a sample) and ``removed.parquet`` (samples whose file is gone from the source).
 
@@ -19,6 +22,9 @@ of workers, and a killed run resumed gives the same bytes as an uninterrupted on
 
 import json
 import multiprocessing
+import os
+import shutil
+import tempfile
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -28,6 +34,7 @@ from itertools import islice
 import pandas as pd
 import pyarrow as pa
 
+from sela import remote
 from sela.config import ShardParams
 from sela.data import SourceFile, iter_payloads, list_source
 from sela.images import BatchResult, ImageLimits, WorkBatch, inspect_batch
@@ -41,7 +48,7 @@ from sela.shards import (
     remove_outputs,
     shard_name,
     write_manifest,
-    write_shard,
+    write_shard_from_files,
 )
 
 QUARANTINE_SCHEMA = pa.schema(
@@ -55,6 +62,9 @@ REMOVED_SCHEMA = pa.schema(
 # Files per process-pool task: large enough to amortise the task round trip, small enough to keep all workers busy.
 _BATCH = 256
 _STATE_VERSION = 2  # 2: one member per sample (metadata only in the manifest)
+# Folder of a local output where workers spool the tar members of their batches (a local temporary folder for a
+# remote output); removed when the run ends, and by the next run after a killed one.
+SPOOL_NAME = ".spool"
 
 
 @dataclass(frozen=True)
@@ -86,12 +96,18 @@ def ingest(
     kept_shards = store.finished_shards()
     stored = read_sidecars(store, kept_shards).to_pandas()
     limits = ImageLimits(min_side=params.min_side, max_side=params.max_side)
-    batches = _work_batches(iter_payloads(listing), set(stored["key"]))
-    results = _ordered_results(batches, limits, workers)
-    packer = _Packer(store, params.samples_per_shard, first_number=len(kept_shards))
-    quarantine = _pack(listing.files, results, stored, packer, progress)
-    packer.flush()
-    manifest = write_manifest(store, kept_shards + packer.written)
+    local = remote.is_local(store.filesystem)
+    spool = store.path(SPOOL_NAME) if local else tempfile.mkdtemp(prefix="sela-spool-")
+    os.makedirs(spool, exist_ok=True)
+    try:
+        batches = _work_batches(iter_payloads(listing), set(stored["key"]), spool)
+        results = _ordered_results(batches, limits, workers)
+        packer = _Packer(store, params.samples_per_shard, first_number=len(kept_shards))
+        quarantine = _pack(listing.files, results, stored, packer, progress)
+        packer.flush()
+    finally:
+        shutil.rmtree(spool, ignore_errors=True)
+    manifest = write_manifest(store, kept_shards + packer.written, packer.sidecars)
     listed = {file.key for file in listing.files}
     gone = [key not in listed for key in stored["key"]]  # a set lookup: pandas' isin on strings is 10x slower
     removed = stored.loc[gone, ["key", "source_path", "shard"]].reset_index(drop=True)
@@ -122,21 +138,24 @@ def _prepare(store: ShardStore, params: ShardParams) -> bool:
         remove_outputs(store)
     finished = set(store.finished_shards())
     for name in store.names():
-        # Temporary files and sidecars whose tar was never renamed belong to an interrupted run.
+        # Temporary files, spooled members and sidecars whose tar was never renamed belong to an interrupted run.
         orphan_sidecar = name.startswith("shard-") and name.endswith(".parquet") and name[:-8] + ".tar" not in finished
-        if name.endswith(".tmp") or orphan_sidecar:
+        if name == SPOOL_NAME:
+            store.filesystem.rm(store.path(name), recursive=True)
+        elif name.endswith(".tmp") or orphan_sidecar:
             store.remove(name)
     store.write_atomic(STATE_NAME, state)
     return restarted
 
 
 def _work_batches(
-    payloads: Iterator[tuple[SourceFile, bytes | None]], stored_keys: set[str]
+    payloads: Iterator[tuple[SourceFile, bytes | None]], stored_keys: set[str], spool: str
 ) -> Iterator[WorkBatch]:
-    """Work batches of ``_BATCH`` files in listing order; key clashes (names equal after NFC) are decided here."""
+    """Work batches of ``_BATCH`` files in listing order, each spooling its members to its own file in the folder
+    ``spool``; key clashes (names equal after NFC) are decided here."""
     owner_of_key: dict[str, str] = {}
-    for chunk in iter(lambda: list(islice(payloads, _BATCH)), []):
-        batch = WorkBatch([], [], [], [], [])
+    for number, chunk in enumerate(iter(lambda: list(islice(payloads, _BATCH)), [])):
+        batch = WorkBatch([], [], [], [], [], f"{spool}/batch-{number:08d}.bin")
         for file, data in chunk:
             owner = owner_of_key.get(file.key)
             if owner is None:
@@ -169,35 +188,55 @@ def _ordered_results(batches: Iterator[WorkBatch], limits: ImageLimits, workers:
 
 
 class _Packer:
-    """Collects accepted samples and writes a shard every ``samples_per_shard`` of them."""
+    """Collects accepted samples and writes a shard every ``samples_per_shard`` of them.
+
+    A sample's tar member stays in its batch's spool file: the packer keeps byte ranges (consecutive members of a
+    file merged into one range) and deletes a spool file once every member in it is in a written shard.
+    """
 
     def __init__(self, store: ShardStore, samples_per_shard: int, first_number: int) -> None:
         self.store = store
         self.samples_per_shard = samples_per_shard
         self.next_number = first_number
-        self.members: list[memoryview] = []
+        self.ranges: list[list] = []  # [spool file, offset, length]
         self.rows: list[tuple[str, str, str | None, str, int, int]] = []
+        self.consumed: list[str] = []  # spool files read to the end, still holding members of the next shard
         self.written: list[str] = []
+        self.sidecars: dict[str, pa.Table] = {}  # of the written shards, for the manifest
 
-    def add(self, file: SourceFile, sha256: str, width: int, height: int, member: memoryview) -> None:
-        """One accepted sample: its tar ``member`` (a slice of a worker's batch) and its manifest row."""
-        self.members.append(member)
+    def add(self, file: SourceFile, sha256: str, width: int, height: int, spool: str, offset: int, size: int) -> None:
+        """One accepted sample: its tar member (``size`` bytes at ``offset`` of ``spool``) and its manifest row."""
+        last = self.ranges[-1] if self.ranges else None
+        if last is not None and last[0] == spool and last[1] + last[2] == offset:
+            last[2] += size
+        else:
+            self.ranges.append([spool, offset, size])
         self.rows.append((file.key, file.source_path, file.ground_truth, sha256, width, height))
-        if len(self.members) == self.samples_per_shard:
+        if len(self.rows) == self.samples_per_shard:
             self.flush()
 
+    def spool_done(self, spool: str) -> None:
+        """Every member of ``spool`` has been routed: delete it now, or after the shard that still needs it."""
+        if self.ranges and self.ranges[-1][0] == spool:
+            self.consumed.append(spool)
+        else:
+            os.remove(spool)
+
     def flush(self) -> None:
-        if not self.members:
-            return
-        shard = shard_name(self.next_number)
-        # Rows transposed in C into the sidecar's columns: a dict per row costs more than the rest of the packing.
-        keys, source_paths, ground_truth, sha256, widths, heights = map(list, zip(*self.rows, strict=True))
-        columns = {"key": keys, "shard": [shard] * len(keys), "source_path": source_paths,
-                   "ground_truth": ground_truth, "sha256": sha256, "width": widths, "height": heights}
-        write_shard(self.store, shard, self.members, columns)
-        self.written.append(shard)
-        self.next_number += 1
-        self.members, self.rows = [], []
+        if self.rows:
+            shard = shard_name(self.next_number)
+            # Rows transposed in C into the sidecar's columns: a dict per row costs more than the rest of the packing.
+            keys, source_paths, ground_truth, sha256, widths, heights = map(list, zip(*self.rows, strict=True))
+            columns = {"key": keys, "shard": [shard] * len(keys), "source_path": source_paths,
+                       "ground_truth": ground_truth, "sha256": sha256, "width": widths, "height": heights}
+            ranges = [(path, offset, size) for path, offset, size in self.ranges]
+            self.sidecars[shard] = write_shard_from_files(self.store, shard, ranges, columns)
+            self.written.append(shard)
+            self.next_number += 1
+            self.ranges, self.rows = [], []
+        for spool in self.consumed:
+            os.remove(spool)
+        self.consumed = []
 
 
 def _pack(
@@ -213,7 +252,7 @@ def _pack(
     quarantine: list[dict[str, str]] = []
     remaining = iter(files)
     for result in results:
-        members, offset = memoryview(result.members), 0
+        offset = 0
         batch_files = list(islice(remaining, len(result.reasons)))
         columns = (result.sha256, result.reasons, result.widths, result.heights, result.member_sizes)
         outcomes = zip(batch_files, *columns, strict=True)
@@ -225,10 +264,12 @@ def _pack(
                 reason = f"duplicate of {owner_of_sha[sha256]}"
             elif reason is None:
                 owner_of_sha[sha256] = file.source_path
-                packer.add(file, sha256, width, height, members[offset : offset + size])
+                packer.add(file, sha256, width, height, result.spool, offset, size)
             if reason is not None:
                 quarantine.append({"path": file.source_path, "key": file.key, "reason": reason})
             offset += size
+        if result.spool is not None:
+            packer.spool_done(result.spool)
         if progress is not None:
             progress(len(result.reasons))
     if next(remaining, None) is not None:

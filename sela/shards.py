@@ -13,8 +13,10 @@ is finished, which is how an interrupted ingest resumes. Shard and manifest byte
 returned by ``read_shards`` is manifest row ``i``.
 """
 
+import errno
 import hashlib
 import io
+import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -134,23 +136,93 @@ def write_shard(
     (``columns``: ``SIDECAR_SCHEMA`` name -> one value per sample), then commit it by renaming the tar into place."""
     payload = b"".join([*members, tar_end(sum(len(member) for member in members))])
     store.filesystem.makedirs(store.root, exist_ok=True)
+    store.filesystem.pipe_file(store.path(f"{shard}.tmp"), payload)
+    _commit_shard(store, shard, columns)
+
+
+def write_shard_from_files(
+    store: ShardStore, shard: str, ranges: Sequence[tuple[str, int, int]], columns: dict[str, list[object]]
+) -> pa.Table:
+    """``write_shard`` with the members given as byte ``ranges`` (local file, offset, length) of files holding
+    them: on a local store they are copied file to file in the kernel (``os.copy_file_range``), never through
+    Python bytes; on a remote one they are read into one buffer and uploaded. Returns the sidecar table."""
+    length = sum(size for _, _, size in ranges)
+    store.filesystem.makedirs(store.root, exist_ok=True)
     temporary = store.path(f"{shard}.tmp")
-    store.filesystem.pipe_file(temporary, payload)
-    store.write_atomic(sidecar_name(shard), parquet_bytes(pa.Table.from_pydict(columns, schema=SIDECAR_SCHEMA)))
-    store.filesystem.mv(temporary, store.path(shard))
+    if remote.is_local(store.filesystem):
+        target = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            position = 0
+            for path, offset, size in ranges:
+                source = os.open(path, os.O_RDONLY)
+                try:
+                    _copy_range(source, offset, target, position, size)
+                finally:
+                    os.close(source)
+                position += size
+            end = tar_end(length)
+            if os.pwrite(target, end, position) != len(end):
+                raise OSError(f"short write at the end of {temporary}")
+        finally:
+            os.close(target)
+    else:
+        end = tar_end(length)
+        payload = bytearray(length + len(end))
+        payload[length:] = end
+        view, position = memoryview(payload), 0
+        for path, offset, size in ranges:
+            with open(path, "rb", buffering=0) as handle:
+                handle.seek(offset)
+                if handle.readinto(view[position : position + size]) != size:
+                    raise ValueError(f"{path} holds fewer than {offset + size} bytes")
+            position += size
+        store.filesystem.pipe_file(temporary, bytes(payload))
+    return _commit_shard(store, shard, columns)
 
 
-def read_sidecars(store: ShardStore, shards: list[str]) -> pa.Table:
-    """The manifest rows (without 'index') of ``shards``, concatenated in the given order."""
+_COPY_CHUNK = 1 << 23  # bytes per read + write where the kernel cannot copy
+
+
+def _copy_range(source: int, offset: int, target: int, position: int, size: int) -> None:
+    """Copy ``size`` bytes at ``offset`` of ``source`` to ``position`` of ``target`` (file descriptors)."""
+    end = offset + size
+    while offset < end:
+        try:
+            copied = os.copy_file_range(source, target, end - offset, offset, position)
+        except OSError as error:  # no in-kernel copy between these files (EXDEV, ENOSYS, EINVAL...): read + write
+            if error.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            chunk = os.pread(source, min(end - offset, _COPY_CHUNK), offset)
+            copied = os.pwrite(target, chunk, position) if chunk else 0
+        if copied == 0:
+            raise ValueError(f"a spool file ends before byte {end}")
+        offset += copied
+        position += copied
+
+
+def _commit_shard(store: ShardStore, shard: str, columns: dict[str, list[object]]) -> pa.Table:
+    """Write the sidecar of the complete ``<shard>.tmp``, then rename the tar into place; return the sidecar."""
+    table = pa.Table.from_pydict(columns, schema=SIDECAR_SCHEMA)
+    store.write_atomic(sidecar_name(shard), parquet_bytes(table))
+    store.filesystem.mv(store.path(f"{shard}.tmp"), store.path(shard))
+    return table
+
+
+def read_sidecars(store: ShardStore, shards: list[str], known: dict[str, pa.Table] | None = None) -> pa.Table:
+    """The manifest rows (without 'index') of ``shards``, concatenated in the given order; sidecars in ``known``
+    (shard name -> table, as just written) are not read back."""
+    known = known or {}
     tables = [
+        known[shard] if shard in known else
         pq.read_table(io.BytesIO(store.read_bytes(sidecar_name(shard))), schema=SIDECAR_SCHEMA) for shard in shards
     ]
     return pa.concat_tables(tables) if tables else SIDECAR_SCHEMA.empty_table()
 
 
-def write_manifest(store: ShardStore, shards: list[str]) -> pd.DataFrame:
-    """Concatenate the sidecars of ``shards`` in order into ``manifest.parquet`` (index = row); return it."""
-    rows = read_sidecars(store, shards)
+def write_manifest(store: ShardStore, shards: list[str], known: dict[str, pa.Table] | None = None) -> pd.DataFrame:
+    """Concatenate the sidecars of ``shards`` in order into ``manifest.parquet`` (index = row); return it.
+    ``known``: sidecar tables already in memory (see ``read_sidecars``)."""
+    rows = read_sidecars(store, shards, known)
     table = rows.add_column(0, MANIFEST_SCHEMA.field("index"), [pa.array(np.arange(rows.num_rows), pa.int64())])
     store.write_atomic(MANIFEST_NAME, parquet_bytes(table.cast(MANIFEST_SCHEMA)))
     return _manifest_frame(table)

@@ -1,7 +1,8 @@
 """Tar members as bytes, built without ``tarfile``: the same bytes ``tarfile`` writes, at a tenth of the cost.
 
 A shard is the concatenation of members (512-byte GNU header, payload, zero padding to 512) and an end marker.
-Ingest workers build the member of each sample in parallel, so the writing process only concatenates bytes.
+Ingest workers build the member of each sample in parallel and spool them to files; the writing process copies
+byte ranges of those files into shards.
 Owner, group, mode and mtime are fixed, so the bytes depend only on names and payloads. ``read_members`` parses
 shards written this way (and any plain ustar/GNU tar of regular files) much faster than ``tarfile``.
 """

@@ -286,3 +286,19 @@ def test_killed_ingest_resumes_to_the_same_bytes_as_an_uninterrupted_run(tmp_pat
     assert resumed.kept_shards[:3] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
     assert len(resumed.kept_shards) + len(resumed.written_shards) == 20
     assert folder_hashes(killed) == folder_hashes(tmp_path / "whole")
+
+
+def test_spool_files_are_deleted_and_a_killed_runs_leftovers_removed(tmp_path: Path) -> None:
+    source = write_folder(tmp_path / "images", many_images(6))
+    output = tmp_path / "shards"
+    ingest(params(source), str(output), workers=2)
+    before = folder_hashes(output)
+    assert not (output / ".spool").exists()
+    stale = output / ".spool" / "batch-00000000.bin"  # what a killed run leaves behind
+    stale.parent.mkdir()
+    stale.write_bytes(b"members spooled by a worker")
+
+    ingest(params(source), str(output), workers=1)
+
+    assert not (output / ".spool").exists()
+    assert folder_hashes(output) == before

@@ -1,9 +1,12 @@
 """WebDataset shards: round trip, byte-identical rewrites, shard splitting and shard/manifest consistency."""
 
+import errno
 import hashlib
 import io
 import itertools
+import os
 from pathlib import Path
+from unittest.mock import Mock
 
 import numpy as np
 import pandas as pd
@@ -14,7 +17,17 @@ from PIL import Image
 
 from sela import shards
 from sela.data import Sample, decode_image, iter_digit_samples
-from sela.shards import LoadedShards, manifest_hash, read_manifest, read_shards, write_shards
+from sela.shards import (
+    LoadedShards,
+    ShardStore,
+    manifest_hash,
+    read_manifest,
+    read_shards,
+    write_shard,
+    write_shard_from_files,
+    write_shards,
+)
+from sela.tarmembers import sample_member
 
 IMAGE_SIZE = 8
 
@@ -186,3 +199,25 @@ def test_digits_round_trip(tmp_path: Path) -> None:
 
     assert_matches(loaded, samples)
     assert loaded.ground_truth[:10] == [str(digit) for digit in range(10)]
+
+
+@pytest.mark.parametrize("kernel_copy", [True, False])
+def test_shard_from_byte_ranges_of_files_equals_the_shard_from_members(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kernel_copy: bool
+) -> None:
+    members = [sample_member(f"k{index}", "png", bytes([index]) * (100 + 300 * index)) for index in range(4)]
+    spool = tmp_path / "spool.bin"
+    spool.write_bytes(b"x" * 7 + b"".join(members))
+    if not kernel_copy:  # another file system: copy_file_range refuses, the bytes go through read + write
+        monkeypatch.setattr(os, "copy_file_range", Mock(side_effect=OSError(errno.EXDEV, "cross-device")))
+    columns = {"key": [], "shard": [], "source_path": [], "ground_truth": [], "sha256": [], "width": [], "height": []}
+    sizes = [len(member) for member in members]
+    ranges = [(str(spool), 7, sizes[0] + sizes[1]), (str(spool), 7 + sizes[0] + sizes[1], sizes[2] + sizes[3])]
+
+    write_shard_from_files(ShardStore(tmp_path / "a"), "shard-000000.tar", ranges, columns)
+    write_shard(ShardStore(tmp_path / "b"), "shard-000000.tar", members, columns)
+    write_shard_from_files(ShardStore(f"memory://{tmp_path.name}/c"), "shard-000000.tar", ranges, columns)
+
+    expected = (tmp_path / "b" / "shard-000000.tar").read_bytes()
+    assert (tmp_path / "a" / "shard-000000.tar").read_bytes() == expected
+    assert ShardStore(f"memory://{tmp_path.name}/c").read_bytes("shard-000000.tar") == expected
