@@ -79,14 +79,14 @@ def git_view(repo: str) -> Iterator[Path]:
 def _tags(view: Path, prefix: str) -> list[tuple[int, str, str, str]]:
     """(N, tag, ISO date of the tag, commit) for every ``<prefix>-v<N>``, oldest first."""
     pattern = re.compile(rf"^{re.escape(prefix)}-v(\d+)$")
-    listing = _git(view, "for-each-ref", "--format=%(refname:short)\t%(creatordate:iso-strict)\t%(*objectname)"
-                   "%(objectname)", f"refs/tags/{prefix}-v*")
+    listing = _git(view, "for-each-ref", "--format=%(refname:short)\t%(creatordate:iso-strict)\t%(objectname)\t"
+                   "%(*objectname)", f"refs/tags/{prefix}-v*")
     rows = []
     for line in listing.splitlines():
-        tag, date, objects = line.split("\t")
+        tag, date, target, peeled = line.split("\t")
         if match := pattern.match(tag):
-            # Annotated tags: %(*objectname) is the commit and %(objectname) the tag object; take the first 40.
-            rows.append((int(match.group(1)), tag, date, objects[:40]))
+            # An annotated tag points at a tag object; %(*objectname) is the commit behind it (empty otherwise).
+            rows.append((int(match.group(1)), tag, date, peeled or target))
     return sorted(rows)
 
 
@@ -124,27 +124,38 @@ def list_versions(repo: str, prefix: str = DEFAULT_PREFIX) -> list[Version]:
         return versions
 
 
-def read_file(repo: str, version: str | int, path: str, prefix: str = DEFAULT_PREFIX) -> tuple[str, bytes]:
-    """(tag, bytes of ``path`` at that version), fetched from the DVC remote if it is a DVC-tracked file."""
+def _resolve(repo: str, versions: list[str | int], prefix: str) -> list[str]:
+    """The tags meant by ``versions``, from one look at the repository (one bare clone for a URL)."""
+    with git_view(repo) as view:
+        return [resolve_version(view, version, prefix) for version in versions]
+
+
+def _read_at(repo: str, tag: str, path: str) -> bytes:
+    """Bytes of ``path`` at ``tag``, fetched from the DVC remote if it is a DVC-tracked file."""
     import dvc.api
     from dvc.exceptions import DvcException
 
-    with git_view(repo) as view:
-        tag = resolve_version(view, version, prefix)
     try:
         with dvc.api.open(path, repo=repo, rev=tag, mode="rb") as handle:
-            return tag, handle.read()
+            return handle.read()
     except DvcException as error:
         raise RegistryError(f"cannot read {path} of {tag} from {repo}: {error}") from error
+
+
+def read_file(repo: str, version: str | int, path: str, prefix: str = DEFAULT_PREFIX) -> tuple[str, bytes]:
+    """(tag, bytes of ``path`` at that version), fetched from the DVC remote if it is a DVC-tracked file."""
+    [tag] = _resolve(repo, [version], prefix)
+    return tag, _read_at(repo, tag, path)
 
 
 def latest_label_set(repo: str, prefix: str = DEFAULT_PREFIX) -> tuple[str, pd.DataFrame] | None:
     """(tag, label set) of the newest version, or None before the first one: the parent a new version aligns to."""
     with git_view(repo) as view:
-        if not _tags(view, prefix):
-            return None
-    tag, data = read_file(repo, "latest", LABELS, prefix)
-    return tag, pq.read_table(io.BytesIO(data)).to_pandas()
+        tags = _tags(view, prefix)
+    if not tags:
+        return None
+    tag = tags[-1][1]
+    return tag, pq.read_table(io.BytesIO(_read_at(repo, tag, LABELS))).to_pandas()
 
 
 def show_card(repo: str, version: str | int = "latest", prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:
@@ -178,9 +189,8 @@ def diff_versions(repo: str, version_a: str | int, version_b: str | int, head: i
     """What changed from A to B: agreement after alignment, NMI, ARI, moved, split/merged clusters, new/removed."""
     column = "label" if head is None else f"label_head_{head}"
     tables = []
-    for version in (version_a, version_b):
-        tag, data = read_file(repo, version, LABELS, prefix)
-        table = pq.read_table(io.BytesIO(data))
+    for tag in _resolve(repo, [version_a, version_b], prefix):
+        table = pq.read_table(io.BytesIO(_read_at(repo, tag, LABELS)))
         if column not in table.column_names:
             raise RegistryError(f"{tag} has no column {column!r}; it has {table.column_names}")
         tables.append((tag, table))

@@ -11,12 +11,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
-
-def contingency_table(labels: np.ndarray, reference: np.ndarray, num_rows: int, num_columns: int) -> np.ndarray:
-    """(num_rows, num_columns) int64 counts of images with ``labels == r`` and ``reference == c``; inputs (M,)."""
-    table = np.zeros((num_rows, num_columns), dtype=np.int64)
-    np.add.at(table, (labels, reference), 1)
-    return table
+from sela.metrics import contingency
 
 
 def alignment(labels: np.ndarray, reference: np.ndarray, num_clusters: int) -> np.ndarray:
@@ -32,7 +27,7 @@ def alignment(labels: np.ndarray, reference: np.ndarray, num_clusters: int) -> n
     if labels.size and (labels.min() < 0 or labels.max() >= num_clusters):
         raise ValueError(f"labels must lie in 0..{num_clusters - 1}")
     in_range = reference < num_clusters  # images whose reference id can be given out at all
-    table = contingency_table(labels[in_range], reference[in_range], num_clusters, num_clusters)
+    table = contingency(labels[in_range], reference[in_range], (num_clusters, num_clusters))
     rows, columns = linear_sum_assignment(table, maximize=True)
     permutation = np.empty(num_clusters, dtype=np.int64)
     permutation[rows] = columns
@@ -86,7 +81,7 @@ def diff_labels(
     a, b = labels_a[index_a].astype(np.int64), labels_b[index_b].astype(np.int64)
     size = int(max(a.max(initial=-1), b.max(initial=-1)) + 1)
     aligned = alignment(b, a, size)[b] if size else b
-    table = contingency_table(a, aligned, size, size)
+    table = contingency(a, aligned, (size, size))
     same = int((a == aligned).sum())
     count = len(shared)
     return LabelDiff(

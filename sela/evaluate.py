@@ -61,16 +61,11 @@ def knn_predict(reference: torch.Tensor, reference_classes: np.ndarray, queries:
     return torch.cat(predictions).numpy()
 
 
-def knn_accuracy(reference: torch.Tensor, reference_truth: list, queries: torch.Tensor | None, query_truth: list | None,
-                 neighbours: int, temperature: float) -> float:
-    """kNN accuracy of ``queries`` against ``reference`` (both projected features); leave-one-out if no queries."""
-    codes = encode(list(reference_truth) + list(query_truth or []))
-    reference_codes, query_codes = codes[:len(reference_truth)], codes[len(reference_truth):]
-    if queries is None:
-        predicted = knn_predict(reference, reference_codes, reference, neighbours, temperature, exclude_self=True)
-        return float((predicted == reference_codes).mean())
-    predicted = knn_predict(reference, reference_codes, queries, neighbours, temperature)
-    return float((predicted == query_codes).mean())
+def knn_accuracy(features: torch.Tensor, truth: list, neighbours: int, temperature: float) -> float:
+    """Leave-one-out weighted kNN accuracy of projected features (N, D) against ground truth (N,)."""
+    codes = encode(truth)
+    predicted = knn_predict(features, codes, features, neighbours, temperature, exclude_self=True)
+    return float((predicted == codes).mean())
 
 
 def holdout_mask(count: int, fraction: float, seed: int) -> np.ndarray:
@@ -129,7 +124,6 @@ def evaluate_label_set(features: torch.Tensor, head_labels: np.ndarray, label: n
         projected = project(features, params.knn_dimensions)
         heldout = holdout_mask(len(ground_truth), params.holdout_fraction, seed=0)
         result.update(label_quality(label, ground_truth))
-        result["knn_accuracy"] = knn_accuracy(projected, ground_truth, None, None, params.knn_neighbours,
-                                              params.knn_temperature)
+        result["knn_accuracy"] = knn_accuracy(projected, ground_truth, params.knn_neighbours, params.knn_temperature)
         result["linear_probe_accuracy"] = linear_probe_accuracy(features, ground_truth, heldout)
     return result

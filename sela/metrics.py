@@ -13,9 +13,9 @@ def encode(values: Sequence) -> np.ndarray:
     return codes.astype(np.int64)
 
 
-def contingency(predicted: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """Counts (num_predicted_clusters, num_true_classes) of co-occurrence."""
-    table = np.zeros((predicted.max() + 1, truth.max() + 1), dtype=np.int64)
+def contingency(predicted: np.ndarray, truth: np.ndarray, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """Counts (num_predicted_clusters, num_true_classes) of co-occurrence; ``shape`` defaults to max id + 1 each."""
+    table = np.zeros(shape or (predicted.max() + 1, truth.max() + 1), dtype=np.int64)
     np.add.at(table, (predicted, truth), 1)
     return table
 

@@ -32,8 +32,8 @@ def transfer_labels(root: str, params: Params) -> dict[str, Any]:
     if all(truth is not None for truth in shards.ground_truth):
         features = evaluate.project(evaluate.compute_features(result.model, images, params.train.image_size, device),
                                     params.evaluate.knn_dimensions)
-        metrics["knn_accuracy"] = evaluate.knn_accuracy(features, shards.ground_truth, None, None,
-                                                        params.evaluate.knn_neighbours, params.evaluate.knn_temperature)
+        metrics["knn_accuracy"] = evaluate.knn_accuracy(features, shards.ground_truth, params.evaluate.knn_neighbours,
+                                                        params.evaluate.knn_temperature)
     (base / TRANSFER_MODEL).parent.mkdir(parents=True, exist_ok=True)
     temporary = base / (TRANSFER_MODEL + ".tmp")
     torch.save(result.model.state_dict(), temporary)

@@ -27,9 +27,9 @@ def clustered_features(count: int = 300, classes: int = 3, noise: float = 0.3, s
 
 def test_knn_on_separated_classes_is_perfect_and_on_noise_is_chance():
     features, truth = clustered_features()
-    assert knn_accuracy(project(features, 128), truth, None, None, 50, 0.1) == 1.0
+    assert knn_accuracy(project(features, 128), truth, 50, 0.1) == 1.0
     noise = torch.randn(600, 64, generator=torch.Generator().manual_seed(1))
-    chance = knn_accuracy(project(noise, 128), [str(i % 3) for i in range(600)], None, None, 50, 0.1)
+    chance = knn_accuracy(project(noise, 128), [str(i % 3) for i in range(600)], 50, 0.1)
     assert 0.2 < chance < 0.47
 
 
