@@ -74,6 +74,14 @@ class SinkhornParams(Section):
     )
 
 
+class OverclusteringParams(Section):
+    """Auxiliary heads with more clusters than the label set (the paper's CIFAR recipe: 128-way heads beside the
+    10-way ones). Trained and relabelled like the others, they shape the features; they are not exported."""
+
+    num_heads: int = Field(ge=0)
+    num_clusters: PositiveInt = Field(ge=2)
+
+
 class TrainParams(Section):
     """Stage ``train``: network, optimiser and relabel schedule."""
 
@@ -91,11 +99,21 @@ class TrainParams(Section):
     num_relabels: PositiveInt
     relabel_power: float = Field(ge=1, description="relabel epochs are spaced as (i/n)^power: denser early")
     relabel_augmented: bool
+    relabel_from: Literal["fresh_pass", "last_epoch"] = Field(
+        description="fresh_pass: a forward pass over every image at relabel time (the paper); last_epoch: the "
+        "outputs the previous training epoch computed on its augmented images anyway (no extra pass: on a CPU a "
+        "pass costs a third of an epoch, so relabels can be as frequent as epochs)")
     relabel_views: PositiveInt = Field(
         le=64, description="augmented views whose logits are averaged in each relabel pass (1 if not augmented)"
     )
+    overclustering: OverclusteringParams
     augment: AugmentParams
     sinkhorn: SinkhornParams
+
+    @property
+    def head_sizes(self) -> list[int]:
+        """Clusters per head: the label set's ``num_heads`` heads first, then the over-clustering heads."""
+        return [self.num_clusters] * self.num_heads + [self.overclustering.num_clusters] * self.overclustering.num_heads
 
 
 class ExportParams(Section):

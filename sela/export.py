@@ -35,7 +35,8 @@ def final_labels(model: MultiHeadNet, images: torch.Tensor, params: Params, devi
     images uint8 (N, H, W, 3). With ``label_head: lowest_loss`` the heads, independent labellings trained on one
     backbone, are ranked by the objective they were trained to minimise; ground truth is never consulted.
     """
-    logits = compute_logits(model, images, params.train, device, augmented=False)
+    # The label set's heads come first; over-clustering heads only served training.
+    logits = compute_logits(model, images, params.train, device, augmented=False)[: params.train.num_heads]
     results = [solve_head(head_logits, params.train, None) for head_logits in logits]
     objective = [
         float(functional.cross_entropy(head_logits.cpu(), torch.from_numpy(result.labels)))

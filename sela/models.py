@@ -1,4 +1,6 @@
-"""Backbones with ``num_heads`` linear heads of ``num_clusters`` each (one labelling per head)."""
+"""Backbones with one linear head per labelling (``head_sizes``: clusters of each head)."""
+
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -76,19 +78,19 @@ class SmallResNet(nn.Module):
 
 
 class MultiHeadNet(nn.Module):
-    """Backbone + heads. forward: (B, 3, H, W) -> list of ``num_heads`` logits tensors (B, num_clusters)."""
+    """Backbone + heads. forward: (B, 3, H, W) -> one logits tensor (B, head_sizes[h]) per head h."""
 
-    def __init__(self, backbone: nn.Module, feature_size: int, num_heads: int, num_clusters: int) -> None:
+    def __init__(self, backbone: nn.Module, feature_size: int, head_sizes: Sequence[int]) -> None:
         super().__init__()
         self.backbone = backbone
-        self.heads = nn.ModuleList(nn.Linear(feature_size, num_clusters) for _ in range(num_heads))
+        self.heads = nn.ModuleList(nn.Linear(feature_size, size) for size in head_sizes)
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         features = self.backbone(images)
         return [head(features) for head in self.heads]
 
 
-def build_model(architecture: str, width: int, num_heads: int, num_clusters: int) -> MultiHeadNet:
+def build_model(architecture: str, width: int, head_sizes: Sequence[int]) -> MultiHeadNet:
     """Randomly initialised network for ``architecture`` in {'small_cnn', 'small_resnet', 'resnet18'}."""
     if architecture == "small_cnn":
         backbone: nn.Module = SmallCNN(width)
@@ -98,4 +100,4 @@ def build_model(architecture: str, width: int, num_heads: int, num_clusters: int
         backbone = CifarResNet18()
     else:
         raise ValueError(f"unknown architecture {architecture!r}: expected 'small_cnn', 'small_resnet' or 'resnet18'")
-    return MultiHeadNet(backbone, backbone.feature_size, num_heads, num_clusters)
+    return MultiHeadNet(backbone, backbone.feature_size, head_sizes)

@@ -29,6 +29,8 @@ class Checkpoint:
     epoch: int = 0
     cluster_potentials: list[np.ndarray | None] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)
+    # Per head (N, K) float32: the logits the last epoch computed for each image (``relabel_from: last_epoch``).
+    epoch_logits: list[torch.Tensor] | None = None
 
 
 def relabel_epochs(epochs: int, num_relabels: int, power: float) -> list[int]:
@@ -43,22 +45,21 @@ def relabel_epochs(epochs: int, num_relabels: int, power: float) -> list[int]:
     return chosen
 
 
-def random_balanced_labels(num_images: int, num_heads: int, num_clusters: int, seed: int) -> np.ndarray:
-    """The paper's start: image i gets cluster i mod K, permuted. (num_heads, N) int64."""
+def random_balanced_labels(num_images: int, head_sizes: list[int], seed: int) -> np.ndarray:
+    """The paper's start: for a head of K clusters image i gets cluster i mod K, permuted. (num_heads, N) int64."""
     generator = np.random.default_rng(seed)
-    base = np.arange(num_images) % num_clusters
-    return np.stack([generator.permutation(base) for _ in range(num_heads)]).astype(np.int64)
+    return np.stack([generator.permutation(np.arange(num_images) % size) for size in head_sizes]).astype(np.int64)
 
 
 def new_checkpoint(params: TrainParams, num_images: int) -> Checkpoint:
     """Randomly initialised network, SGD optimiser and random balanced labels."""
     torch.manual_seed(params.seed)
-    model = build_model(params.architecture, params.width, params.num_heads, params.num_clusters)
+    model = build_model(params.architecture, params.width, params.head_sizes)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=params.learning_rate, momentum=params.momentum, weight_decay=params.weight_decay
     )
-    labels = random_balanced_labels(num_images, params.num_heads, params.num_clusters, params.seed)
-    return Checkpoint(model, optimizer, labels, cluster_potentials=[None] * params.num_heads)
+    labels = random_balanced_labels(num_images, params.head_sizes, params.seed)
+    return Checkpoint(model, optimizer, labels, cluster_potentials=[None] * len(params.head_sizes))
 
 
 def save_checkpoint(checkpoint: Checkpoint, path: Path) -> None:
@@ -71,6 +72,7 @@ def save_checkpoint(checkpoint: Checkpoint, path: Path) -> None:
         "epoch": checkpoint.epoch,
         "cluster_potentials": [None if p is None else torch.from_numpy(p) for p in checkpoint.cluster_potentials],
         "history": checkpoint.history,
+        "epoch_logits": checkpoint.epoch_logits,
     }
     temporary = path.with_suffix(path.suffix + ".tmp")
     torch.save(payload, temporary)
@@ -89,6 +91,7 @@ def load_checkpoint(path: Path, params: TrainParams, device: torch.device) -> Ch
     checkpoint.epoch = payload["epoch"]
     checkpoint.cluster_potentials = [None if p is None else p.numpy() for p in payload["cluster_potentials"]]
     checkpoint.history = payload["history"]
+    checkpoint.epoch_logits = payload.get("epoch_logits")
     return checkpoint
 
 
@@ -108,6 +111,8 @@ def train_epoch(
         group["lr"] = rate
     targets = torch.from_numpy(checkpoint.labels)
     order = torch.randperm(images.shape[0], generator=generator)
+    keep_logits = params.relabel_from == "last_epoch"
+    epoch_logits = [torch.zeros(images.shape[0], size) for size in params.head_sizes] if keep_logits else None
     total_loss, total_correct, seen = 0.0, 0.0, 0
     for start in range(0, len(order), params.batch_size):
         index = order[start : start + params.batch_size]
@@ -116,6 +121,9 @@ def train_epoch(
         batch = augment(images[index], params.augment, params.image_size, generator).to(device)
         batch_targets = targets[:, index].to(device)
         outputs = model(batch)
+        if epoch_logits is not None:
+            for stored, head_logits in zip(epoch_logits, outputs, strict=True):
+                stored[index] = head_logits.detach().float().cpu()
         loss = sum(functional.cross_entropy(o, t) for o, t in zip(outputs, batch_targets, strict=True)) / len(outputs)
         checkpoint.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -125,6 +133,8 @@ def train_epoch(
         total_correct += correct / len(outputs)
         seen += len(index)
     checkpoint.epoch += 1
+    # Images skipped above (a remainder of one) keep zero logits: a uniform row, which Sinkhorn handles.
+    checkpoint.epoch_logits = epoch_logits
     summary = {"epoch": checkpoint.epoch, "loss": total_loss / seen, "accuracy": total_correct / seen, "lr": rate}
     checkpoint.history.append({"kind": "epoch", **summary})
     return summary
@@ -190,7 +200,31 @@ def solve_head(logits: torch.Tensor, params: TrainParams, warm_start: np.ndarray
 def relabel(
     checkpoint: Checkpoint, images: torch.Tensor, params: TrainParams, device: torch.device
 ) -> dict[str, Any]:
-    """Re-derive every head's labels from the current network (warm-started Sinkhorn). Returns diagnostics."""
+    """Re-derive every head's labels (warm-started Sinkhorn) from the current network, or from the last epoch's
+    outputs with ``relabel_from: last_epoch`` (the first relabel, before any epoch, makes a pass). Returns
+    diagnostics."""
+    if params.relabel_from == "last_epoch" and checkpoint.epoch_logits is not None:
+        logits, source = checkpoint.epoch_logits, "last_epoch"
+    else:
+        logits, source = relabel_logits(checkpoint, images, params, device), "fresh_pass"
+    per_head = []
+    for head, head_logits in enumerate(logits):
+        result = solve_head(head_logits.to(device), params, checkpoint.cluster_potentials[head])
+        changed = float(np.mean(result.labels != checkpoint.labels[head]))
+        checkpoint.labels[head] = result.labels
+        checkpoint.cluster_potentials[head] = result.log_cluster_potential
+        sizes = np.bincount(result.labels, minlength=params.head_sizes[head])
+        per_head.append({**result.diagnostics(), "changed": changed, "min_size": int(sizes.min()),
+                         "max_size": int(sizes.max())})
+    summary = {"epoch": checkpoint.epoch, "source": source, "heads": per_head}
+    checkpoint.history.append({"kind": "relabel", **summary})
+    return summary
+
+
+def relabel_logits(
+    checkpoint: Checkpoint, images: torch.Tensor, params: TrainParams, device: torch.device
+) -> list[torch.Tensor]:
+    """A pass of the current network over every image, averaged over ``relabel_views`` augmented views."""
     views = params.relabel_views if params.relabel_augmented else 1
     logits: list[torch.Tensor] = []
     for view in range(views):
@@ -198,16 +232,4 @@ def relabel(
         seed = params.seed + checkpoint.epoch + 1_000_003 * view
         view_logits = compute_logits(checkpoint.model, images, params, device, params.relabel_augmented, seed=seed)
         logits = view_logits if not logits else [total + new for total, new in zip(logits, view_logits, strict=True)]
-    logits = [total / views for total in logits]
-    per_head = []
-    for head, head_logits in enumerate(logits):
-        result = solve_head(head_logits, params, checkpoint.cluster_potentials[head])
-        changed = float(np.mean(result.labels != checkpoint.labels[head]))
-        checkpoint.labels[head] = result.labels
-        checkpoint.cluster_potentials[head] = result.log_cluster_potential
-        sizes = np.bincount(result.labels, minlength=params.num_clusters)
-        per_head.append({**result.diagnostics(), "changed": changed, "min_size": int(sizes.min()),
-                         "max_size": int(sizes.max())})
-    summary = {"epoch": checkpoint.epoch, "heads": per_head}
-    checkpoint.history.append({"kind": "relabel", **summary})
-    return summary
+    return [total / views for total in logits]

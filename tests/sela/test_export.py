@@ -21,7 +21,7 @@ class FirstRow(nn.Module):
 
 def setup(label_head):
     params = load_params(PROJECT_ROOT / "params.yaml", {"train.num_heads": 3, "export.label_head": label_head})
-    model = MultiHeadNet(FirstRow(), 10, num_heads=3, num_clusters=10)
+    model = MultiHeadNet(FirstRow(), 10, [10] * 3)
     with torch.no_grad():
         for head, scale in zip(model.heads, SCALES, strict=True):
             head.weight.copy_(torch.eye(10) * scale)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from sela import train
+from sela import export, train
 from sela.config import load_params
 from sela.data import iter_digit_samples
 from sela.shards import read_shards, write_shards
@@ -36,11 +36,11 @@ def test_relabel_schedule(epochs, count, power):
 
 
 def test_random_start_is_balanced():
-    labels = train.random_balanced_labels(1003, 3, 10, seed=0)
-    assert labels.shape == (3, 1003)
-    for head in labels:
-        sizes = np.bincount(head, minlength=10)
-        assert sizes.max() - sizes.min() <= 1
+    labels = train.random_balanced_labels(1003, [10, 10, 10, 128], seed=0)
+    assert labels.shape == (4, 1003)
+    for head, size in zip(labels, [10, 10, 10, 128], strict=True):
+        sizes = np.bincount(head, minlength=size)
+        assert len(sizes) == size and sizes.max() - sizes.min() <= 1
     assert not np.array_equal(labels[0], labels[1])
 
 
@@ -65,6 +65,21 @@ def test_relabel_is_balanced_and_records_diagnostics(digits):
     assert checkpoint.cluster_potentials[0] is not None and checkpoint.history[-1]["kind"] == "relabel"
 
 
+def test_overclustering_heads_are_trained_relabelled_and_not_exported(digits):
+    images, _ = digits
+    params = load_params(PROJECT_ROOT / "params.yaml", {
+        "train.width": 8, "train.image_size": 16, "train.num_heads": 2, "train.overclustering.num_heads": 2,
+        "train.overclustering.num_clusters": 40})
+    checkpoint = train.new_checkpoint(params.train, len(images))
+    summary = train.relabel(checkpoint, images, params.train, torch.device("cpu"))
+    assert all(head["converged"] and head["column_marginal_error"] < 1e-3 for head in summary["heads"])
+    assert checkpoint.labels.shape == (4, 1797) and checkpoint.labels[2:].max() == 39
+    assert checkpoint.labels[:2].max() == 9
+    train.train_epoch(checkpoint, images, params.train, torch.device("cpu"))
+    final = export.final_labels(checkpoint.model, images, params, torch.device("cpu"))
+    assert final.labels.shape == (2, 1797) and final.labels.max() == 9
+
+
 def test_checkpoint_round_trip(tmp_path, digits):
     images, _ = digits
     params = small_params()
@@ -78,3 +93,23 @@ def test_checkpoint_round_trip(tmp_path, digits):
     for key, value in checkpoint.model.state_dict().items():
         torch.testing.assert_close(loaded.model.state_dict()[key], value)
     assert not (tmp_path / "c.pt.tmp").exists()
+
+
+def test_relabel_from_last_epoch_reuses_the_epoch_outputs(digits, monkeypatch):
+    images, _ = digits
+    params = small_params(**{"train.relabel_from": "last_epoch"})
+    checkpoint = train.new_checkpoint(params, len(images))
+    assert train.relabel(checkpoint, images, params, torch.device("cpu"))["source"] == "fresh_pass"  # no epoch yet
+    train.train_epoch(checkpoint, images, params, torch.device("cpu"))
+    stored = checkpoint.epoch_logits
+    assert [tuple(head.shape) for head in stored] == [(1797, 10)] * 2 and stored[0].abs().sum(1).min() > 0
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("a relabel from the last epoch must not run a forward pass")
+
+    monkeypatch.setattr(train, "compute_logits", no_pass)
+    summary = train.relabel(checkpoint, images, params, torch.device("cpu"))
+    assert summary["source"] == "last_epoch"
+    expected = train.solve_head(stored[1], params, None).labels
+    # Warm-started and cold solves agree on the argmax labels of the same logits up to the stopping tolerance.
+    assert np.mean(checkpoint.labels[1] == expected) > 0.99
