@@ -8,18 +8,20 @@ mode to RGB, applying the EXIF orientation and shrinking the long side. A file t
 reason instead. This module imports only Pillow, simplejpeg, numpy and the tar member builder: workers start fast.
 """
 
+import gc
 import hashlib
 import io
 import os
 import warnings
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
 import simplejpeg
 from PIL import Image, ImageOps
 
-from sela.tarmembers import sample_member
+from sela.tarmembers import append_member
 
 # Formats accepted (Pillow format name -> nothing); anything else Pillow can open (ICO, PSD, PPM, EPS, ...) is
 # quarantined as unsupported: uncommon in photo collections, and some decode through external programs.
@@ -171,22 +173,33 @@ def _encode(image: Image.Image, lossy: bool) -> bytes:
     return buffer.getvalue()
 
 
-class WorkBatch(NamedTuple):
-    """The inputs of one worker task as columns of ``n`` entries: a tuple of lists pickles several times faster
-    than ``n`` tuples, and the process pool moves tens of thousands of files a second.
+@dataclass(frozen=True)
+class WorkList:
+    """What the ingest workers need for the whole run, handed over once: forked workers inherit it (see
+    ``start_worker``), so a task is a range of indices and no per-file data is pickled.
 
-    Per file: a local ``paths`` entry to read, or its ``datas`` bytes; ``hash_only`` skips the decode (the file is
-    already in a shard: only its hash is compared); a ``reasons`` entry means the main process already
-    quarantined the file and nothing is read; ``keys`` names the tar member built for an accepted image.
-    ``spool`` is the local file the batch's tar members are written to.
+    Per listed file ``i``: ``paths[i]`` is the local file to read (None: its bytes come with the task);
+    ``keys[i]`` names its tar member; an index in ``hash_only`` is already in a shard, so it is only hashed (its
+    hash is compared) and not decoded; ``reasons[i]`` quarantines a file before it is read (a key clash).
+    ``spool`` is the local folder each task writes its tar members to.
     """
 
-    paths: list[str | None]
-    datas: list[bytes | None]
-    hash_only: list[bool]
-    reasons: list[str | None]
-    keys: list[str]
+    paths: Sequence[str | None]
+    keys: Sequence[str]
+    limits: ImageLimits
     spool: str
+    hash_only: frozenset[int] = frozenset()
+    reasons: Mapping[int, str] = field(default_factory=dict)
+
+
+class WorkBatch(NamedTuple):
+    """One worker task: the listed files ``start`` to ``stop`` (excluded) of the ``WorkList``. ``datas`` holds
+    their bytes (None for a local file) where the main process read some (archive members, remote files,
+    digits); for a source of local files it is None, and the task is two integers."""
+
+    start: int
+    stop: int
+    datas: list[bytes | None] | None = None
 
 
 class BatchResult(NamedTuple):
@@ -209,42 +222,44 @@ class BatchResult(NamedTuple):
 
 def read_file(path: str) -> bytes:
     """A file's bytes through raw ``os`` calls: half the cost of ``open().read()`` (no file object, no buffer),
-    which matters when reading 30 k small files a second."""
+    which matters when reading 30 k small files a second. A read shorter than asked for is the end of a regular
+    file, so a small file costs one read, not a second one that returns nothing."""
     descriptor = os.open(path, os.O_RDONLY)
     try:
-        chunks = []
+        chunk = os.read(descriptor, _READ_CHUNK)
+        if len(chunk) < _READ_CHUNK:
+            return chunk
+        chunks = [chunk]
         while chunk := os.read(descriptor, _READ_CHUNK):
             chunks.append(chunk)
     finally:
         os.close(descriptor)
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    return b"".join(chunks)
 
 
-def inspect_batch(batch: WorkBatch, limits: ImageLimits) -> BatchResult:
-    """``inspect_image`` over a batch (one process-pool task); the tar members of the accepted images go to
-    ``batch.spool``."""
+def inspect_batch(work: WorkList, batch: WorkBatch) -> BatchResult:
+    """``inspect_image`` over the files of ``batch`` (one process-pool task); the tar members of the accepted
+    images go, in one write, to the spool file ``batch-<start>.bin`` of ``work.spool``."""
     result = BatchResult([], [], [], [], None, [])
-    members: list[bytes] = []
-    for path, data, hash_only, reason, key in zip(
-        batch.paths, batch.datas, batch.hash_only, batch.reasons, batch.keys, strict=True
-    ):
-        inspected = _inspect_item(path, data, hash_only, reason, limits)
+    members = bytearray()
+    for index in range(batch.start, batch.stop):
+        data = None if batch.datas is None else batch.datas[index - batch.start]
+        inspected = _inspect_item(work, index, data)
         result.sha256.append(inspected.sha256)
         result.reasons.append(inspected.reason)
         result.widths.append(inspected.width)
         result.heights.append(inspected.height)
-        if inspected.image:
-            members.append(sample_member(key, inspected.extension, inspected.image))
-            result.member_sizes.append(len(members[-1]))
-        else:
-            result.member_sizes.append(0)
+        image = inspected.image
+        size = append_member(members, f"{work.keys[index]}.{inspected.extension}", image) if image else 0
+        result.member_sizes.append(size)
     if not members:
         return result
-    write_file(batch.spool, b"".join(members))
-    return result._replace(spool=batch.spool)
+    spool = f"{work.spool}/batch-{batch.start:010d}.bin"
+    write_file(spool, members)
+    return result._replace(spool=spool)
 
 
-def write_file(path: str, data: bytes) -> None:
+def write_file(path: str, data: bytes | bytearray) -> None:
     """Create (or replace) the file ``path`` holding ``data``, through raw ``os`` calls."""
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
@@ -255,18 +270,41 @@ def write_file(path: str, data: bytes) -> None:
         os.close(descriptor)
 
 
-def _inspect_item(
-    path: str | None, data: bytes | None, hash_only: bool, reason: str | None, limits: ImageLimits
-) -> Inspected:
-    """One file of a ``WorkBatch``; ``image`` is empty unless the file is a new accepted image."""
+def _inspect_item(work: WorkList, index: int, data: bytes | None) -> Inspected:
+    """File ``index`` of ``work`` (``data``: its bytes, if read already); ``image`` is empty unless the file is a
+    new accepted image."""
+    reason = work.reasons.get(index)
     if reason is not None:
         return Inspected(sha256="", reason=reason)
     if data is None:
-        assert path is not None  # a work item carries a path or bytes
+        path = work.paths[index]
+        assert path is not None  # a file comes with a path or with its bytes
         try:
             data = read_file(path)
         except OSError as error:
             return Inspected(sha256="", reason=f"unreadable: {error.strerror or error}")
-    if hash_only:
+    if index in work.hash_only:
         return Inspected(sha256=hashlib.sha256(data).hexdigest(), reason=None)
-    return inspect_image(data, limits)
+    return inspect_image(data, work.limits)
+
+
+# The process pool's side. A forked worker gets the work list in memory (a fork pickles no initializer
+# argument) and keeps it for the whole run.
+_worker_list: WorkList | None = None
+
+
+def start_worker(work: WorkList) -> None:
+    """Process-pool initializer: keep ``work`` for ``inspect_in_worker``. The objects inherited from the parent
+    are frozen out of the cyclic garbage collector, which would otherwise walk them all (and copy the pages it
+    touches) on every full collection; the collector runs again (ingest pauses it in the parent) for what the
+    worker itself creates."""
+    global _worker_list
+    gc.freeze()
+    gc.enable()
+    _worker_list = work
+
+
+def inspect_in_worker(batch: WorkBatch) -> BatchResult:
+    """``inspect_batch`` of ``batch`` against the work list given to ``start_worker``."""
+    assert _worker_list is not None, "start_worker was not run in this process"
+    return inspect_batch(_worker_list, batch)

@@ -1,4 +1,5 @@
-"""The ingest worker: unreadable paths, hash-only items and pre-decided reasons, and bomb-sized images."""
+"""The ingest worker: unreadable paths, hash-only items and pre-decided reasons, spooled members, bomb-sized
+images."""
 
 import hashlib
 import io
@@ -7,33 +8,55 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from sela.images import ImageLimits, WorkBatch, inspect_batch, inspect_image
+from sela.images import ImageLimits, WorkBatch, WorkList, inspect_batch, inspect_image
+from sela.tarmembers import sample_member
 
 LIMITS = ImageLimits(min_side=2, max_side=64)
 
 
 def test_a_file_that_vanished_after_listing_is_unreadable_not_a_crash(tmp_path: Path) -> None:
     # The path-based read is the one chmod 000 exercises; a missing file takes it as root too.
-    spool = str(tmp_path / "batch.bin")
-    batch = WorkBatch([str(tmp_path / "gone.png")], [None], [False], [None], ["gone_2epng"], spool)
+    work = WorkList([str(tmp_path / "gone.png")], ["gone_2epng"], LIMITS, str(tmp_path))
 
-    result = inspect_batch(batch, LIMITS)
+    result = inspect_batch(work, WorkBatch(0, 1))
 
     assert result.reasons == ["unreadable: No such file or directory"]
     assert (result.spool, result.member_sizes) == (None, [0])
-    assert not Path(spool).exists()
+    assert list(tmp_path.iterdir()) == []  # no spool file without a member
 
 
 def test_hash_only_and_pre_decided_items_skip_the_decode(tmp_path: Path) -> None:
-    spool = str(tmp_path / "batch.bin")
-    batch = WorkBatch([None, None], [b"not an image", None], [True, False], [None, "x"], ["a", "b"], spool)
+    work = WorkList([None, None], ["a", "b"], LIMITS, str(tmp_path), hash_only=frozenset({0}), reasons={1: "x"})
 
-    result = inspect_batch(batch, LIMITS)
+    result = inspect_batch(work, WorkBatch(0, 2, [b"not an image", None]))
 
     assert result.reasons == [None, "x"]
     assert result.sha256 == [hashlib.sha256(b"not an image").hexdigest(), ""]
     assert (result.spool, result.member_sizes) == (None, [0, 0])
-    assert not Path(spool).exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_members_of_a_batch_are_spooled_back_to_back_in_input_order(tmp_path: Path) -> None:
+    images = [encoded_png((8, 8)), encoded_png((9, 9))]
+    paths = [tmp_path / "a.png", tmp_path / "b.png"]
+    for path, data in zip(paths, images, strict=True):
+        path.write_bytes(data)
+    (tmp_path / "spool").mkdir()
+    work = WorkList([None, *map(str, paths)], ["z", "a", "b"], LIMITS, str(tmp_path / "spool"))
+
+    result = inspect_batch(work, WorkBatch(1, 3))  # files 1 and 2 of the work list
+
+    assert result.reasons == [None, None] and (result.widths, result.heights) == ([8, 9], [8, 9])
+    assert result.spool is not None and Path(result.spool).name == "batch-0000000001.bin"
+    spooled = Path(result.spool).read_bytes()
+    assert spooled == sample_member("a", "png", images[0]) + sample_member("b", "png", images[1])
+    assert result.member_sizes == [len(sample_member("a", "png", images[0])), len(spooled) - result.member_sizes[0]]
+
+
+def encoded_png(size: tuple[int, int]) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (1, 2, 3)).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def test_decompression_bombs_are_quarantined(monkeypatch: pytest.MonkeyPatch) -> None:
