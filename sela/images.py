@@ -13,8 +13,7 @@ import hashlib
 import io
 import os
 import warnings
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -173,33 +172,21 @@ def _encode(image: Image.Image, lossy: bool) -> bytes:
     return buffer.getvalue()
 
 
-@dataclass(frozen=True)
-class WorkList:
-    """What the ingest workers need for the whole run, handed over once: forked workers inherit it (see
-    ``start_worker``), so a task is a range of indices and no per-file data is pickled.
+class WorkBatch(NamedTuple):
+    """One worker task: ``n`` files as columns (a few lists of strings pickle in C; ``n`` objects would not).
 
-    Per listed file ``i``: ``paths[i]`` is the local file to read (None: its bytes come with the task);
-    ``keys[i]`` names its tar member; an index in ``hash_only`` is already in a shard, so it is only hashed (its
-    hash is compared) and not decoded; ``reasons[i]`` quarantines a file before it is read (a key clash).
-    ``spool`` is the local folder each task writes its tar members to.
+    Per file ``i``: ``paths[i]`` is the local file to read, or None when its bytes come in ``datas[i]`` (``datas``
+    is None when every file is local); ``keys[i]`` names its tar member. Positions in ``hash_only`` are already in
+    a shard, so they are only hashed (the changed-file check), not decoded; ``reasons`` quarantines positions
+    before they are read (a key clash). ``spool`` is the local file the batch's tar members are written to.
     """
 
-    paths: Sequence[str | None]
-    keys: Sequence[str]
-    limits: ImageLimits
+    paths: list[str | None]
+    keys: list[str]
     spool: str
-    hash_only: frozenset[int] = frozenset()
-    reasons: Mapping[int, str] = field(default_factory=dict)
-
-
-class WorkBatch(NamedTuple):
-    """One worker task: the listed files ``start`` to ``stop`` (excluded) of the ``WorkList``. ``datas`` holds
-    their bytes (None for a local file) where the main process read some (archive members, remote files,
-    digits); for a source of local files it is None, and the task is two integers."""
-
-    start: int
-    stop: int
     datas: list[bytes | None] | None = None
+    hash_only: frozenset[int] = frozenset()
+    reasons: dict[int, str] | None = None
 
 
 class BatchResult(NamedTuple):
@@ -237,26 +224,23 @@ def read_file(path: str) -> bytes:
     return b"".join(chunks)
 
 
-def inspect_batch(work: WorkList, batch: WorkBatch) -> BatchResult:
+def inspect_batch(batch: WorkBatch, limits: ImageLimits) -> BatchResult:
     """``inspect_image`` over the files of ``batch`` (one process-pool task); the tar members of the accepted
-    images go, in one write, to the spool file ``batch-<start>.bin`` of ``work.spool``."""
+    images go, in one write, to ``batch.spool``."""
     result = BatchResult([], [], [], [], None, [])
     members = bytearray()
-    for index in range(batch.start, batch.stop):
-        data = None if batch.datas is None else batch.datas[index - batch.start]
-        inspected = _inspect_item(work, index, data)
+    for index, key in enumerate(batch.keys):
+        inspected = _inspect_item(batch, index, limits)
         result.sha256.append(inspected.sha256)
         result.reasons.append(inspected.reason)
         result.widths.append(inspected.width)
         result.heights.append(inspected.height)
         image = inspected.image
-        size = append_member(members, f"{work.keys[index]}.{inspected.extension}", image) if image else 0
-        result.member_sizes.append(size)
+        result.member_sizes.append(append_member(members, f"{key}.{inspected.extension}", image) if image else 0)
     if not members:
         return result
-    spool = f"{work.spool}/batch-{batch.start:010d}.bin"
-    write_file(spool, members)
-    return result._replace(spool=spool)
+    write_file(batch.spool, members)
+    return result._replace(spool=batch.spool)
 
 
 def write_file(path: str, data: bytes | bytearray) -> None:
@@ -270,41 +254,27 @@ def write_file(path: str, data: bytes | bytearray) -> None:
         os.close(descriptor)
 
 
-def _inspect_item(work: WorkList, index: int, data: bytes | None) -> Inspected:
-    """File ``index`` of ``work`` (``data``: its bytes, if read already); ``image`` is empty unless the file is a
-    new accepted image."""
-    reason = work.reasons.get(index)
+def _inspect_item(batch: WorkBatch, index: int, limits: ImageLimits) -> Inspected:
+    """File ``index`` of ``batch``; ``image`` is empty unless the file is a new accepted image."""
+    reason = batch.reasons.get(index) if batch.reasons else None
     if reason is not None:
         return Inspected(sha256="", reason=reason)
+    data = None if batch.datas is None else batch.datas[index]
     if data is None:
-        path = work.paths[index]
+        path = batch.paths[index]
         assert path is not None  # a file comes with a path or with its bytes
         try:
             data = read_file(path)
         except OSError as error:
             return Inspected(sha256="", reason=f"unreadable: {error.strerror or error}")
-    if index in work.hash_only:
+    if index in batch.hash_only:
         return Inspected(sha256=hashlib.sha256(data).hexdigest(), reason=None)
-    return inspect_image(data, work.limits)
+    return inspect_image(data, limits)
 
 
-# The process pool's side. A forked worker gets the work list in memory (a fork pickles no initializer
-# argument) and keeps it for the whole run.
-_worker_list: WorkList | None = None
-
-
-def start_worker(work: WorkList) -> None:
-    """Process-pool initializer: keep ``work`` for ``inspect_in_worker``. The objects inherited from the parent
-    are frozen out of the cyclic garbage collector, which would otherwise walk them all (and copy the pages it
-    touches) on every full collection; the collector runs again (ingest pauses it in the parent) for what the
-    worker itself creates."""
-    global _worker_list
+def start_worker() -> None:
+    """Process-pool initializer. The ingest pauses the cyclic garbage collector in its process, and a forked
+    worker inherits that: it switches it back on for what it creates itself, with the objects inherited from the
+    parent frozen out of it (a full collection would walk them all, and copy every page it touches)."""
     gc.freeze()
     gc.enable()
-    _worker_list = work
-
-
-def inspect_in_worker(batch: WorkBatch) -> BatchResult:
-    """``inspect_batch`` of ``batch`` against the work list given to ``start_worker``."""
-    assert _worker_list is not None, "start_worker was not run in this process"
-    return inspect_batch(_worker_list, batch)

@@ -31,23 +31,16 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from itertools import islice
+from itertools import chain, islice
+from operator import itemgetter
 
 import pandas as pd
 import pyarrow as pa
 
 from sela import remote
 from sela.config import ShardParams
-from sela.data import SourceFile, SourceListing, iter_payloads, list_source
-from sela.images import (
-    BatchResult,
-    ImageLimits,
-    WorkBatch,
-    WorkList,
-    inspect_batch,
-    inspect_in_worker,
-    start_worker,
-)
+from sela.data import SourceFile, SourceListing, folder_runs, iter_payloads, list_source
+from sela.images import BatchResult, ImageLimits, WorkBatch, inspect_batch, start_worker
 from sela.shards import (
     QUARANTINE_NAME,
     REMOVED_NAME,
@@ -122,7 +115,7 @@ def _cyclic_gc_paused() -> Iterator[None]:
 
 
 def _ingest(params: ShardParams, output: str, workers: int, progress: Callable[[int], None] | None) -> IngestReport:
-    listing = list_source(params.source, params.image_size)
+    listing, runs = _listed(params.source, params.image_size)
     store = ShardStore(output)
     restarted = _prepare(store, params)
     kept_shards = store.finished_shards()
@@ -131,28 +124,43 @@ def _ingest(params: ShardParams, output: str, workers: int, progress: Callable[[
     local = remote.is_local(store.filesystem)
     spool = store.path(SPOOL_NAME) if local else tempfile.mkdtemp(prefix="sela-spool-")
     os.makedirs(spool, exist_ok=True)
+    packer = _Packer(store, params.samples_per_shard, first_number=len(kept_shards))
+    router = _Router(stored, packer)
     try:
-        work = _work_list(listing.files, set(stored["key"]), limits, spool)
-        results = _ordered_results(work, _work_batches(listing), workers)
-        packer = _Packer(store, params.samples_per_shard, first_number=len(kept_shards))
-        quarantine = _pack(listing.files, results, stored, packer, progress)
+        for files, result in _ordered_results(_work_batches(runs, listing, set(stored["key"]), spool), limits, workers):
+            router.route(files, result)
+            if progress is not None:
+                progress(len(files))
         packer.flush()
     finally:
         shutil.rmtree(spool, ignore_errors=True)
     manifest = write_manifest(store, kept_shards + packer.written, packer.sidecars)
-    listed = {file.key for file in listing.files}
-    gone = [key not in listed for key in stored["key"]]  # a set lookup: pandas' isin on strings is 10x slower
+    gone = [key not in router.listed for key in stored["key"]]  # a set lookup: pandas' isin on strings is 10x slower
     removed = stored.loc[gone, ["key", "source_path", "shard"]].reset_index(drop=True)
-    _write_reports(store, quarantine, removed)
+    _write_reports(store, router.quarantine, removed)
     return IngestReport(
         manifest=manifest,
-        quarantine=pd.DataFrame(quarantine, columns=QUARANTINE_SCHEMA.names),
+        quarantine=pd.DataFrame(router.quarantine, columns=QUARANTINE_SCHEMA.names),
         removed=removed,
-        inputs=len(listing.files),
+        inputs=router.inputs,
         written_shards=packer.written,
         kept_shards=kept_shards,
         restarted=restarted,
     )
+
+
+def _listed(source: str, image_size: int) -> tuple[SourceListing | None, Iterator[list[SourceFile]]]:
+    """The source's files in key order, as runs: a local folder is listed lazily (``folder_runs``: its first files
+    are decoded while the rest is listed), any other source at once (its listing, to read the bytes from, and
+    one run). Raises as ``list_source`` does, before anything is written."""
+    runs = folder_runs(source)
+    if runs is None:
+        listing = list_source(source, image_size)
+        return listing, iter([listing.files])
+    first = next(runs, None)
+    if first is None:
+        list_source(source, image_size)  # raises: the source holds no files
+    return None, chain([first], runs)
 
 
 def _write_reports(store: ShardStore, quarantine: list[dict[str, str]], removed: pd.DataFrame) -> None:
@@ -180,61 +188,82 @@ def _prepare(store: ShardStore, params: ShardParams) -> bool:
     return restarted
 
 
-def _work_list(files: list[SourceFile], stored_keys: set[str], limits: ImageLimits, spool: str) -> WorkList:
-    """The workers' view of the listing: paths to read, member keys, files only hashed, key clashes."""
-    keys = [file.key for file in files]
-    paths = [file.locator if file.kind == "local" else None for file in files]
-    hash_only = frozenset(index for index, key in enumerate(keys) if key in stored_keys) if stored_keys else None
-    return WorkList(paths, keys, limits, spool, hash_only or frozenset(), _key_clashes(files, keys))
+def _work_batches(
+    runs: Iterator[list[SourceFile]], listing: SourceListing | None, stored_keys: set[str], spool: str
+) -> Iterator[tuple[list[SourceFile], WorkBatch]]:
+    """(files, their work batch) for every ``_BATCH`` files in key order, each batch spooling its members to its
+    own file in the folder ``spool``. The bytes of files that are not local are read here (``listing``: their
+    source); a file already in a shard (its key in ``stored_keys``) is only hashed."""
+    payloads = None if listing is None else iter_payloads(listing)
+    clashes = _KeyClashes()
+    for number, files in enumerate(_chunks(runs, _BATCH)):
+        keys = [file.key for file in files]
+        paths = [file.locator if file.kind == "local" else None for file in files]
+        datas = None if payloads is None else [data for _, data in islice(payloads, len(files))]
+        hash_only = frozenset(index for index, key in enumerate(keys) if key in stored_keys) if stored_keys else None
+        batch = WorkBatch(paths, keys, f"{spool}/batch-{number:08d}.bin", datas, hash_only or frozenset(),
+                          clashes.reasons(files, keys))
+        yield files, batch
 
 
-def _key_clashes(files: list[SourceFile], keys: list[str]) -> dict[int, str]:
+def _chunks(runs: Iterator[list[SourceFile]], size: int) -> Iterator[list[SourceFile]]:
+    """The files of ``runs`` in lists of ``size`` (the last one shorter)."""
+    pending: list[SourceFile] = []
+    for run in runs:
+        pending += run
+        while len(pending) >= size:
+            yield pending[:size]
+            del pending[:size]
+    if pending:
+        yield pending
+
+
+class _KeyClashes:
     """Reasons for files whose key an earlier file already has (names equal after NFC): the first one is kept.
-    The listing is sorted by key, so clashing files are neighbours."""
-    if len(set(keys)) == len(keys):  # the usual case, in C
-        return {}
-    reasons: dict[int, str] = {}
-    owner = files[0].source_path
-    for index in range(1, len(files)):
-        if keys[index] != keys[index - 1]:
-            owner = files[index].source_path
-        else:
-            reasons[index] = f"same key as {owner} (names equal after normalisation)"
-    return reasons
+    Files come in key order, so clashing files are neighbours, possibly at the end of one batch and the start of
+    the next."""
+
+    def __init__(self) -> None:
+        self.last_key: str | None = None
+        self.owner = ""  # source path of the first file with last_key
+
+    def reasons(self, files: list[SourceFile], keys: list[str]) -> dict[int, str] | None:
+        """Reasons by position in ``files`` (None: no clash, the usual case, decided in C)."""
+        clash_free = len(set(keys)) == len(keys) and keys[0] != self.last_key
+        if clash_free:
+            self.last_key, self.owner = keys[-1], files[-1].source_path
+            return None
+        reasons: dict[int, str] = {}
+        for index, file in enumerate(files):
+            if file.key == self.last_key:
+                reasons[index] = f"same key as {self.owner} (names equal after normalisation)"
+            else:
+                self.last_key, self.owner = file.key, file.source_path
+        return reasons
 
 
-def _work_batches(listing: SourceListing) -> Iterator[WorkBatch]:
-    """Work batches of ``_BATCH`` files in listing order; a batch carries the bytes this process reads (archive
-    members, remote files, digits), and is only an index range when every file is local."""
-    count = len(listing.files)
-    if listing.archive is None and all(file.kind == "local" for file in listing.files):
-        for start in range(0, count, _BATCH):
-            yield WorkBatch(start, min(start + _BATCH, count))
-        return
-    payloads = iter_payloads(listing)
-    for start in range(0, count, _BATCH):
-        datas = [data for _, data in islice(payloads, _BATCH)]
-        yield WorkBatch(start, start + len(datas), datas)
-
-
-def _ordered_results(work: WorkList, batches: Iterator[WorkBatch], workers: int) -> Iterator[BatchResult]:
-    """``inspect_batch`` over ``batches`` in input order, with at most ``2 * workers`` batches in flight."""
+def _ordered_results(
+    batches: Iterator[tuple[list[SourceFile], WorkBatch]], limits: ImageLimits, workers: int
+) -> Iterator[tuple[list[SourceFile], BatchResult]]:
+    """(files, ``inspect_batch`` of their batch) in input order, with at most ``2 * workers`` batches in flight."""
     if workers == 1:
-        for batch in batches:
-            yield inspect_batch(work, batch)
+        for files, batch in batches:
+            yield files, inspect_batch(batch, limits)
         return
-    # fork: workers start in milliseconds with everything imported and inherit the work list (created after the
-    # listing, so a task is an index range); spawn/forkserver would re-import the caller's __main__ (a Prefect
-    # flow module: seconds per worker) and pickle the listing. Workers run only sela.images (no locks, no threads).
+    # fork: workers start in milliseconds with everything imported; spawn/forkserver would re-import the caller's
+    # __main__ (a Prefect flow module: seconds per worker). The pool starts at the first batch, while the rest of
+    # the source is still being listed. Workers run only sela.images (no locks, no threads).
     context = multiprocessing.get_context("fork")
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=start_worker, initargs=(work,)) as pool:
-        in_flight: deque[Future[BatchResult]] = deque()
-        for batch in batches:
-            in_flight.append(pool.submit(inspect_in_worker, batch))
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=start_worker) as pool:
+        in_flight: deque[tuple[list[SourceFile], Future[BatchResult]]] = deque()
+        for files, batch in batches:
+            in_flight.append((files, pool.submit(inspect_batch, batch, limits)))
             if len(in_flight) >= 2 * workers:
-                yield in_flight.popleft().result()
+                done, future = in_flight.popleft()
+                yield done, future.result()
         while in_flight:
-            yield in_flight.popleft().result()
+            done, future = in_flight.popleft()
+            yield done, future.result()
 
 
 class _Packer:
@@ -303,55 +332,37 @@ class _Packer:
         self.consumed = []
 
 
-def _pack(
-    files: list[SourceFile],
-    results: Iterator[BatchResult],
-    stored: pd.DataFrame,
-    packer: _Packer,
-    progress: Callable[[int], None] | None,
-) -> list[dict[str, str]]:
-    """Route each file's result to the packer or the quarantine list (returned, in key order)."""
-    router = _Router(files, stored, packer)
-    start = 0
-    for result in results:
-        router.route(start, result)
-        start += len(result.reasons)
-        if progress is not None:
-            progress(len(result.reasons))
-    if start != len(files):
-        raise RuntimeError(f"ingest workers returned {start} results for {len(files)} files listed")
-    return router.quarantine
-
-
 class _Router:
     """Decides, in key order, whether each inspected file becomes a sample or a quarantine line.
 
     The duplicate and changed-file policies need the files before it: ``owner_of_sha`` maps every sample's
     sha256 (stored ones included) to its source path. A batch of new, distinct, accepted images, the usual case,
-    is routed in whole columns (C loops); any other batch file by file.
+    is routed in whole columns (C loops); any other batch file by file. ``quarantine`` collects the lines in key
+    order, ``listed`` the keys of all files routed, ``inputs`` their number.
     """
 
-    def __init__(self, files: list[SourceFile], stored: pd.DataFrame, packer: _Packer) -> None:
-        self.files = files
+    def __init__(self, stored: pd.DataFrame, packer: _Packer) -> None:
         self.packer = packer
         self.stored_sha = dict(zip(stored["key"], stored["sha256"], strict=True))
         self.owner_of_sha = dict(zip(stored["sha256"], stored["source_path"], strict=False))
-        # Manifest columns of the listing, sliced per batch.
-        self.keys, self.source_paths, self.ground_truth = ([file[i] for file in files] for i in range(3))
         self.quarantine: list[dict[str, str]] = []
+        self.listed: set[str] = set()
+        self.inputs = 0
 
-    def route(self, start: int, result: BatchResult) -> None:
-        """Route the outcomes of files ``start`` onwards (one batch)."""
+    def route(self, files: list[SourceFile], result: BatchResult) -> None:
+        """Route the outcomes ``result`` of ``files`` (one batch)."""
+        if len(result.reasons) != len(files):
+            raise RuntimeError(f"an ingest worker returned {len(result.reasons)} results for {len(files)} files")
+        keys, source_paths, ground_truth = (list(map(itemgetter(column), files)) for column in range(3))
+        self.listed.update(keys)
+        self.inputs += len(files)
         if self._all_new_samples(result):
-            stop = start + len(result.reasons)
-            paths = self.source_paths[start:stop]
-            self.owner_of_sha.update(zip(result.sha256, paths, strict=True))
-            columns = (self.keys[start:stop], paths, self.ground_truth[start:stop], result.sha256, result.widths,
-                       result.heights)
+            self.owner_of_sha.update(zip(result.sha256, source_paths, strict=True))
+            columns = (keys, source_paths, ground_truth, result.sha256, result.widths, result.heights)
             assert result.spool is not None  # every file has a member
             self.packer.add(result.spool, 0, result.member_sizes, columns)
         else:
-            self._route_each(start, result)
+            self._route_each(files, result)
         if result.spool is not None:
             self.packer.spool_done(result.spool)
 
@@ -361,11 +372,10 @@ class _Router:
         return (result.reasons.count(None) == len(shas) and 0 not in result.member_sizes
                 and len(set(shas)) == len(shas) and self.owner_of_sha.keys().isdisjoint(shas))
 
-    def _route_each(self, start: int, result: BatchResult) -> None:
+    def _route_each(self, files: list[SourceFile], result: BatchResult) -> None:
         offset = 0
         columns = (result.sha256, result.reasons, result.widths, result.heights, result.member_sizes)
-        for index, (sha256, reason, width, height, size) in enumerate(zip(*columns, strict=True), start):
-            file = self.files[index]
+        for file, sha256, reason, width, height, size in zip(files, *columns, strict=True):
             stored = self.stored_sha.get(file.key)
             if reason is None and stored is not None:
                 if sha256 != stored:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from sela.images import ImageLimits, WorkBatch, WorkList, inspect_batch, inspect_image
+from sela.images import ImageLimits, WorkBatch, inspect_batch, inspect_image
 from sela.tarmembers import sample_member
 
 LIMITS = ImageLimits(min_side=2, max_side=64)
@@ -16,9 +16,9 @@ LIMITS = ImageLimits(min_side=2, max_side=64)
 
 def test_a_file_that_vanished_after_listing_is_unreadable_not_a_crash(tmp_path: Path) -> None:
     # The path-based read is the one chmod 000 exercises; a missing file takes it as root too.
-    work = WorkList([str(tmp_path / "gone.png")], ["gone_2epng"], LIMITS, str(tmp_path))
+    batch = WorkBatch([str(tmp_path / "gone.png")], ["gone_2epng"], str(tmp_path / "batch.bin"))
 
-    result = inspect_batch(work, WorkBatch(0, 1))
+    result = inspect_batch(batch, LIMITS)
 
     assert result.reasons == ["unreadable: No such file or directory"]
     assert (result.spool, result.member_sizes) == (None, [0])
@@ -26,9 +26,10 @@ def test_a_file_that_vanished_after_listing_is_unreadable_not_a_crash(tmp_path: 
 
 
 def test_hash_only_and_pre_decided_items_skip_the_decode(tmp_path: Path) -> None:
-    work = WorkList([None, None], ["a", "b"], LIMITS, str(tmp_path), hash_only=frozenset({0}), reasons={1: "x"})
+    spool = str(tmp_path / "batch.bin")
+    batch = WorkBatch([None, None], ["a", "b"], spool, [b"not an image", None], frozenset({0}), {1: "x"})
 
-    result = inspect_batch(work, WorkBatch(0, 2, [b"not an image", None]))
+    result = inspect_batch(batch, LIMITS)
 
     assert result.reasons == [None, "x"]
     assert result.sha256 == [hashlib.sha256(b"not an image").hexdigest(), ""]
@@ -41,14 +42,13 @@ def test_members_of_a_batch_are_spooled_back_to_back_in_input_order(tmp_path: Pa
     paths = [tmp_path / "a.png", tmp_path / "b.png"]
     for path, data in zip(paths, images, strict=True):
         path.write_bytes(data)
-    (tmp_path / "spool").mkdir()
-    work = WorkList([None, *map(str, paths)], ["z", "a", "b"], LIMITS, str(tmp_path / "spool"))
+    batch = WorkBatch([*map(str, paths)], ["a", "b"], str(tmp_path / "batch.bin"))
 
-    result = inspect_batch(work, WorkBatch(1, 3))  # files 1 and 2 of the work list
+    result = inspect_batch(batch, LIMITS)
 
     assert result.reasons == [None, None] and (result.widths, result.heights) == ([8, 9], [8, 9])
-    assert result.spool is not None and Path(result.spool).name == "batch-0000000001.bin"
-    spooled = Path(result.spool).read_bytes()
+    assert result.spool == batch.spool
+    spooled = Path(batch.spool).read_bytes()
     assert spooled == sample_member("a", "png", images[0]) + sample_member("b", "png", images[1])
     assert result.member_sizes == [len(sample_member("a", "png", images[0])), len(spooled) - result.member_sizes[0]]
 

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+import sela.ingest
 from sela.config import ShardParams
 from sela.data import escape_key
 from sela.ingest import ingest
@@ -165,6 +166,28 @@ def test_stored_images_are_rgb_upright_shrunk_and_originals_are_kept_byte_for_by
     assert loaded.images.shape == (len(report.manifest), 16, 16, 3)
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_names_equal_after_normalisation_keep_the_first_and_quarantine_the_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: int
+) -> None:
+    # Batches of two: the clashing names fall in different batches, and a duplicate follows in a third one.
+    monkeypatch.setattr(sela.ingest, "_BATCH", 2)
+    composed, decomposed = "caf\u00e9.png", "cafe\u0301.png"  # the decomposed path sorts first ('e' < 'é')
+    files = {"a.png": GOOD_PNG, composed: encoded(noise((8, 8), 20), "PNG"), decomposed: encoded(noise((8, 8), 21),
+             "PNG"), "z.png": encoded(noise((8, 8), 22), "PNG"), "zz.png": GOOD_PNG}
+    source = write_folder(tmp_path / "images", files)
+
+    report = ingest(params(source), str(tmp_path / "shards"), workers=workers)
+
+    assert report.inputs == 5
+    assert report.manifest["source_path"].tolist() == [f"{source}/{name}" for name in ("a.png", decomposed, "z.png")]
+    assert report.quarantine.to_dict("records") == [
+        {"path": f"{source}/{composed}", "key": "caf_c3_a9_2epng",
+         "reason": f"same key as {source}/{decomposed} (names equal after normalisation)"},
+        {"path": f"{source}/zz.png", "key": "zz_2epng", "reason": f"duplicate of {source}/a.png"},
+    ]
+
+
 def test_unreadable_file_is_quarantined(tmp_path: Path) -> None:
     source = write_folder(tmp_path / "images", {"a.png": GOOD_PNG, "locked.png": encoded(noise((8, 8), 12), "PNG")})
     locked = source / "locked.png"
@@ -258,6 +281,7 @@ def test_changed_parameters_rebuild_from_scratch(tmp_path: Path) -> None:
 KILLABLE_RUN = """
 import sys
 sys.path.insert(0, {root!r})
+import sela.ingest
 from sela.config import ShardParams
 from sela.ingest import ingest
 ingest(ShardParams(source={source!r}, image_size=16, samples_per_shard=20, min_side=4, max_side={max_side}),
