@@ -79,6 +79,7 @@ class ShardStore:
         self.location = str(location)
         self.filesystem, self.root = fsspec.core.url_to_fs(self.location)
         self.root = self.root.rstrip("/")
+        self.local = remote.is_local(self.filesystem)
 
     def path(self, name: str) -> str:
         return f"{self.root}/{name}"
@@ -96,9 +97,21 @@ class ShardStore:
 
     def write_atomic(self, name: str, data: bytes) -> None:
         """Write to ``<name>.tmp`` then rename, so a reader or a resumed run never sees half a file."""
-        self.filesystem.makedirs(self.root, exist_ok=True)
-        self.filesystem.pipe_file(self.path(f"{name}.tmp"), data)
-        self.filesystem.mv(self.path(f"{name}.tmp"), self.path(name))
+        if self.local:  # plain os calls: fsspec's path handling costs more than the write (ingest: 2 files a shard)
+            os.makedirs(self.root, exist_ok=True)
+            with open(self.path(f"{name}.tmp"), "wb") as handle:
+                handle.write(data)
+        else:
+            self.filesystem.makedirs(self.root, exist_ok=True)
+            self.filesystem.pipe_file(self.path(f"{name}.tmp"), data)
+        self.rename(f"{name}.tmp", name)
+
+    def rename(self, source: str, target: str) -> None:
+        """Rename ``source`` to ``target`` (replacing it), both names in the folder."""
+        if self.local:
+            os.replace(self.path(source), self.path(target))
+        else:
+            self.filesystem.mv(self.path(source), self.path(target))
 
     def names(self) -> list[str]:
         if not self.filesystem.isdir(self.root):
@@ -122,11 +135,18 @@ def sidecar_name(shard: str) -> str:
     return shard.removesuffix(".tar") + ".parquet"
 
 
-def parquet_bytes(table: pa.Table) -> bytes:
-    """Parquet file bytes; built from Arrow, not pandas, so no pandas metadata (versions, index) is stored."""
+def parquet_bytes(table: pa.Table, **options: object) -> bytes:
+    """Parquet file bytes (``options``: of ``pq.write_table``); built from Arrow, not pandas, so no pandas metadata
+    (versions, index) is stored."""
     buffer = io.BytesIO()
-    pq.write_table(table, buffer)
+    pq.write_table(table, buffer, **options)
     return buffer.getvalue()
+
+
+# A sidecar is read back only whole, by the ingest (a resumed run, the manifest): no column statistics, and a
+# dictionary only for the columns that repeat (keys, paths and hashes are unique): 40% less time than the defaults
+# (written once a shard), and a slightly smaller file.
+_SIDECAR_OPTIONS = {"use_dictionary": ["shard", "ground_truth"], "write_statistics": False}
 
 
 def write_shard(
@@ -147,9 +167,9 @@ def write_shard_from_files(
     them: on a local store they are copied file to file in the kernel (``os.copy_file_range``), never through
     Python bytes; on a remote one they are read into one buffer and uploaded. Returns the sidecar table."""
     length = sum(size for _, _, size in ranges)
-    store.filesystem.makedirs(store.root, exist_ok=True)
     temporary = store.path(f"{shard}.tmp")
-    if remote.is_local(store.filesystem):
+    if store.local:
+        os.makedirs(store.root, exist_ok=True)
         target = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             position = 0
@@ -176,6 +196,7 @@ def write_shard_from_files(
                 if handle.readinto(view[position : position + size]) != size:
                     raise ValueError(f"{path} holds fewer than {offset + size} bytes")
             position += size
+        store.filesystem.makedirs(store.root, exist_ok=True)
         store.filesystem.pipe_file(temporary, bytes(payload))
     return _commit_shard(store, shard, columns)
 
@@ -203,8 +224,8 @@ def _copy_range(source: int, offset: int, target: int, position: int, size: int)
 def _commit_shard(store: ShardStore, shard: str, columns: dict[str, list[object]]) -> pa.Table:
     """Write the sidecar of the complete ``<shard>.tmp``, then rename the tar into place; return the sidecar."""
     table = pa.Table.from_pydict(columns, schema=SIDECAR_SCHEMA)
-    store.write_atomic(sidecar_name(shard), parquet_bytes(table))
-    store.filesystem.mv(store.path(f"{shard}.tmp"), store.path(shard))
+    store.write_atomic(sidecar_name(shard), parquet_bytes(table, **_SIDECAR_OPTIONS))
+    store.rename(f"{shard}.tmp", shard)
     return table
 
 
