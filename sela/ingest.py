@@ -2,13 +2,15 @@
 
 One run:
 
-1. list the source (``sela.data.list_source``), sorted by key;
+1. list the source sorted by key (``sela.data``): a local folder lazily, folder by folder (``folder_runs``), so
+   the workers decode its first files while the rest is listed; any other source at once (``list_source``);
 2. if ``ingest.json`` in the output records other parameters (or source), start from scratch; otherwise keep the
    finished shards (a ``shard-N.tar`` exists only once complete) and drop half-written files;
 3. decode-validate the files not yet in a shard on all cores (``sela.images``), in key order, and pack the accepted
-   ones into new shards numbered after the last one; files already in a shard are only hashed. Workers spool the
-   tar members of each batch to a file (``.spool/`` in a local output, a local temporary folder for a remote
-   one) and return only metadata: this process copies byte ranges of the spool files into the shards
+   ones into new shards numbered after the last one; files already in a shard are only hashed. A task is a batch
+   of 1024 files as a few lists (paths, keys); workers spool the tar members of each batch to a file (``.spool/``
+   in a local output, a local temporary folder for a remote one) and return only metadata columns: this process
+   routes a batch of new, distinct images in whole columns, copies byte ranges of the spool files into the shards
    (in the kernel for a local output) and never holds the image bytes;
 4. write ``manifest.parquet`` (every sample, old shards first), ``quarantine.parquet`` (path, key, reason: every
    input file that is not a sample) and ``removed.parquet`` (samples whose file is gone from the source).
