@@ -31,7 +31,7 @@ import tempfile
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from itertools import chain, islice
 from operator import itemgetter
@@ -65,7 +65,8 @@ REMOVED_SCHEMA = pa.schema(
      pa.field("shard", pa.string(), nullable=False)]
 )
 # Files per process-pool task: large enough to amortise the task round trip, small enough to keep all workers busy
-# to the end (the last batch runs alone: 1024 small files take a worker about 30 ms).
+# to the end (the last batch runs alone: 1024 small files take a worker about 30 ms). A shard's worth when that is
+# near it (``_batch_size``).
 _BATCH = 1024
 _STATE_VERSION = 2  # 2: one member per sample (metadata only in the manifest)
 # Folder of a local output where workers spool the tar members of their batches (a local temporary folder for a
@@ -129,7 +130,9 @@ def _ingest(params: ShardParams, output: str, workers: int, progress: Callable[[
     packer = _Packer(store, params.samples_per_shard, first_number=len(kept_shards))
     router = _Router(stored, packer)
     try:
-        for files, result in _ordered_results(_work_batches(runs, listing, set(stored["key"]), spool), limits, workers):
+        size = _batch_size(params.samples_per_shard)
+        batches = _work_batches(runs, listing, set(stored["key"]), spool, size)
+        for files, result in _ordered_results(batches, limits, workers):
             router.route(files, result)
             if progress is not None:
                 progress(len(files))
@@ -191,14 +194,14 @@ def _prepare(store: ShardStore, params: ShardParams) -> bool:
 
 
 def _work_batches(
-    runs: Iterator[list[SourceFile]], listing: SourceListing | None, stored_keys: set[str], spool: str
+    runs: Iterator[list[SourceFile]], listing: SourceListing | None, stored_keys: set[str], spool: str, size: int
 ) -> Iterator[tuple[list[SourceFile], WorkBatch]]:
-    """(files, their work batch) for every ``_BATCH`` files in key order, each batch spooling its members to its
+    """(files, their work batch) for every ``size`` files in key order, each batch spooling its members to its
     own file in the folder ``spool``. The bytes of files that are not local are read here (``listing``: their
     source); a file already in a shard (its key in ``stored_keys``) is only hashed."""
     payloads = None if listing is None else iter_payloads(listing)
     clashes = _KeyClashes()
-    for number, files in enumerate(_chunks(runs, _BATCH)):
+    for number, files in enumerate(_chunks(runs, size)):
         keys = [file.key for file in files]
         paths = [file.locator if file.kind == "local" else None for file in files]
         datas = None if payloads is None else [data for _, data in islice(payloads, len(files))]
@@ -206,6 +209,12 @@ def _work_batches(
         batch = WorkBatch(paths, keys, f"{spool}/batch-{number:08d}.bin", datas, hash_only or frozenset(),
                           clashes.reasons(files, keys))
         yield files, batch
+
+
+def _batch_size(samples_per_shard: int) -> int:
+    """Files per batch: a shard's worth if that is within 4x of ``_BATCH``: a batch of new, distinct images then
+    fills a shard exactly and its spool file becomes the shard by a rename (no copy). Else ``_BATCH``."""
+    return samples_per_shard if _BATCH // 4 <= samples_per_shard <= _BATCH * 4 else _BATCH
 
 
 def _chunks(runs: Iterator[list[SourceFile]], size: int) -> Iterator[list[SourceFile]]:
@@ -317,7 +326,7 @@ class _Packer:
         if self.ranges and self.ranges[-1][0] == spool:
             self.consumed.append(spool)
         else:
-            os.remove(spool)
+            _remove_spool(spool)
 
     def flush(self) -> None:
         if self.count:
@@ -325,13 +334,20 @@ class _Packer:
             columns = dict(zip(self.COLUMNS, self.columns, strict=True))
             columns["shard"] = [shard] * self.count
             ranges = [(path, offset, size) for path, offset, size in self.ranges]
-            self.sidecars[shard] = write_shard_from_files(self.store, shard, ranges, columns)
+            # Movable: the spool files are read only for this shard now; one that is all of it is renamed.
+            self.sidecars[shard] = write_shard_from_files(self.store, shard, ranges, columns, movable=True)
             self.written.append(shard)
             self.next_number += 1
             self.ranges, self.columns, self.count = [], [[] for _ in self.COLUMNS], 0
         for spool in self.consumed:
-            os.remove(spool)
+            _remove_spool(spool)
         self.consumed = []
+
+
+def _remove_spool(spool: str) -> None:
+    """Delete a spool file, unless it became a shard (renamed: a batch of a shard's worth of new images)."""
+    with suppress(FileNotFoundError):
+        os.remove(spool)
 
 
 class _Router:

@@ -154,27 +154,30 @@ def write_shard(
 
 
 def write_shard_from_files(
-    store: ShardStore, shard: str, ranges: Sequence[tuple[str, int, int]], columns: dict[str, list[object]]
+    store: ShardStore,
+    shard: str,
+    ranges: Sequence[tuple[str, int, int]],
+    columns: dict[str, list[object]],
+    movable: bool = False,
 ) -> pa.Table:
     """``write_shard`` with the members given as byte ``ranges`` (local file, offset, length) of files holding
     them: on a local store they are copied file to file in the kernel (``os.copy_file_range``), never through
-    Python bytes; on a remote one they are read into one buffer and uploaded. Returns the sidecar table."""
+    Python bytes; on a remote one they are read into one buffer and uploaded. Returns the sidecar table.
+
+    ``movable``: the caller gives the files up; one that holds exactly the members (one range, all of the file)
+    becomes the shard by a rename, without a copy.
+    """
     length = sum(size for _, _, size in ranges)
     temporary = store.path(f"{shard}.tmp")
     if store.local:
         os.makedirs(store.root, exist_ok=True)
-        target = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        moved = movable and _moved_whole(ranges, temporary)
+        target = os.open(temporary, os.O_WRONLY if moved else os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            position = 0
-            for path, offset, size in ranges:
-                source = os.open(path, os.O_RDONLY)
-                try:
-                    _copy_range(source, offset, target, position, size)
-                finally:
-                    os.close(source)
-                position += size
+            if not moved:
+                _copy_ranges(ranges, target)
             end = tar_end(length)
-            if os.pwrite(target, end, position) != len(end):
+            if os.pwrite(target, end, length) != len(end):
                 raise OSError(f"short write at the end of {temporary}")
         finally:
             os.close(target)
@@ -192,6 +195,33 @@ def write_shard_from_files(
         store.filesystem.makedirs(store.root, exist_ok=True)
         store.filesystem.pipe_file(temporary, bytes(payload))
     return _commit_shard(store, shard, columns)
+
+
+def _moved_whole(ranges: Sequence[tuple[str, int, int]], target: str) -> bool:
+    """Rename the file of ``ranges`` to ``target`` if they are one range covering all of it; False if not (or
+    if it is on another file system)."""
+    if len(ranges) != 1 or ranges[0][1] != 0:
+        return False
+    path, _, size = ranges[0]
+    if os.stat(path).st_size != size:
+        return False
+    try:
+        os.rename(path, target)
+    except OSError:
+        return False
+    return True
+
+
+def _copy_ranges(ranges: Sequence[tuple[str, int, int]], target: int) -> None:
+    """Copy ``ranges`` (path, offset, length) one after the other to the start of the file ``target``."""
+    position = 0
+    for path, offset, size in ranges:
+        source = os.open(path, os.O_RDONLY)
+        try:
+            _copy_range(source, offset, target, position, size)
+        finally:
+            os.close(source)
+        position += size
 
 
 _COPY_CHUNK = 1 << 23  # bytes per read + write where the kernel cannot copy
