@@ -129,20 +129,23 @@ def _ingest(params: ShardParams, output: str, workers: int, progress: Callable[[
     os.makedirs(spool, exist_ok=True)
     packer = _Packer(store, params.samples_per_shard, first_number=len(kept_shards))
     router = _Router(stored, packer)
-    try:
-        size = _batch_size(params.samples_per_shard)
-        batches = _work_batches(runs, listing, set(stored["key"]), spool, size)
-        for files, result in _ordered_results(batches, limits, workers):
-            router.route(files, result)
-            if progress is not None:
-                progress(len(files))
-        packer.flush()
-    finally:
-        shutil.rmtree(spool, ignore_errors=True)
-    manifest = write_manifest(store, kept_shards + packer.written, packer.sidecars)
-    gone = [key not in router.listed for key in stored["key"]]  # a set lookup: pandas' isin on strings is 10x slower
-    removed = stored.loc[gone, ["key", "source_path", "shard"]].reset_index(drop=True)
-    _write_reports(store, router.quarantine, removed)
+    with _worker_pool(workers) as pool:
+        try:
+            size = _batch_size(params.samples_per_shard)
+            batches = _work_batches(runs, listing, set(stored["key"]), spool, size)
+            for files, result in _ordered_results(batches, limits, pool, workers):
+                router.route(files, result)
+                if progress is not None:
+                    progress(len(files))
+            packer.flush()
+        finally:
+            shutil.rmtree(spool, ignore_errors=True)
+        if pool is not None:
+            pool.shutdown(wait=False)  # the workers exit while the manifest is written; joined at the end
+        manifest = write_manifest(store, kept_shards + packer.written, packer.sidecars)
+        gone = [key not in router.listed for key in stored["key"]]  # a set lookup: pandas' isin is 10x slower
+        removed = stored.loc[gone, ["key", "source_path", "shard"]].reset_index(drop=True)
+        _write_reports(store, router.quarantine, removed)
     return IngestReport(
         manifest=manifest,
         quarantine=pd.DataFrame(router.quarantine, columns=QUARANTINE_SCHEMA.names),
@@ -253,28 +256,41 @@ class _KeyClashes:
         return reasons
 
 
-def _ordered_results(
-    batches: Iterator[tuple[list[SourceFile], WorkBatch]], limits: ImageLimits, workers: int
-) -> Iterator[tuple[list[SourceFile], BatchResult]]:
-    """(files, ``inspect_batch`` of their batch) in input order, with at most ``2 * workers`` batches in flight."""
+@contextmanager
+def _worker_pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
+    """A pool of ``workers`` decode processes, joined on exit (None for one worker: decode in this process)."""
     if workers == 1:
-        for files, batch in batches:
-            yield files, inspect_batch(batch, limits)
+        yield None
         return
     # fork: workers start in milliseconds with everything imported; spawn/forkserver would re-import the caller's
     # __main__ (a Prefect flow module: seconds per worker). The pool starts at the first batch, while the rest of
     # the source is still being listed. Workers run only sela.images (no locks, no threads).
     context = multiprocessing.get_context("fork")
     with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=start_worker) as pool:
-        in_flight: deque[tuple[list[SourceFile], Future[BatchResult]]] = deque()
+        yield pool
+
+
+def _ordered_results(
+    batches: Iterator[tuple[list[SourceFile], WorkBatch]],
+    limits: ImageLimits,
+    pool: ProcessPoolExecutor | None,
+    workers: int,
+) -> Iterator[tuple[list[SourceFile], BatchResult]]:
+    """(files, ``inspect_batch`` of their batch) in input order: on ``pool``, with at most ``2 * workers`` batches
+    in flight, or in this process (None)."""
+    if pool is None:
         for files, batch in batches:
-            in_flight.append((files, pool.submit(inspect_batch, batch, limits)))
-            if len(in_flight) >= 2 * workers:
-                done, future = in_flight.popleft()
-                yield done, future.result()
-        while in_flight:
+            yield files, inspect_batch(batch, limits)
+        return
+    in_flight: deque[tuple[list[SourceFile], Future[BatchResult]]] = deque()
+    for files, batch in batches:
+        in_flight.append((files, pool.submit(inspect_batch, batch, limits)))
+        if len(in_flight) >= 2 * workers:
             done, future = in_flight.popleft()
             yield done, future.result()
+    while in_flight:
+        done, future = in_flight.popleft()
+        yield done, future.result()
 
 
 class _Packer:
