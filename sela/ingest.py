@@ -131,7 +131,7 @@ def _ingest(params: ShardParams, output: str, workers: int, progress: Callable[[
     router = _Router(stored, packer)
     with _worker_pool(workers) as pool:
         try:
-            size = _batch_size(params.samples_per_shard)
+            size = _batch_size(params.samples_per_shard, local=listing is None)
             batches = _work_batches(runs, listing, set(stored["key"]), spool, size)
             for files, result in _ordered_results(batches, limits, pool, workers):
                 router.route(files, result)
@@ -214,10 +214,13 @@ def _work_batches(
         yield files, batch
 
 
-def _batch_size(samples_per_shard: int) -> int:
+def _batch_size(samples_per_shard: int, local: bool) -> int:
     """Files per batch: a shard's worth if that is within 4x of ``_BATCH``: a batch of new, distinct images then
-    fills a shard exactly and its spool file becomes the shard by a rename (no copy). Else ``_BATCH``."""
-    return samples_per_shard if _BATCH // 4 <= samples_per_shard <= _BATCH * 4 else _BATCH
+    fills a shard exactly and its spool file becomes the shard by a rename (no copy). Else ``_BATCH``. A quarter of
+    that where this process reads the files (not ``local``): their bytes travel with the batch (``2 * workers``
+    batches in flight)."""
+    size = samples_per_shard if _BATCH // 4 <= samples_per_shard <= _BATCH * 4 else _BATCH
+    return size if local else max(1, size // 4)
 
 
 def _chunks(runs: Iterator[list[SourceFile]], size: int) -> Iterator[list[SourceFile]]:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+import sela.images
 from sela.images import ImageLimits, WorkBatch, inspect_batch, inspect_image
 from sela.tarmembers import sample_member
 
@@ -37,7 +38,11 @@ def test_hash_only_and_pre_decided_items_skip_the_decode(tmp_path: Path) -> None
     assert list(tmp_path.iterdir()) == []
 
 
-def test_members_of_a_batch_are_spooled_back_to_back_in_input_order(tmp_path: Path) -> None:
+@pytest.mark.parametrize("buffer", [1 << 24, 1])
+def test_members_of_a_batch_are_spooled_back_to_back_in_input_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, buffer: int
+) -> None:
+    monkeypatch.setattr(sela.images, "_SPOOL_BUFFER", buffer)  # 1: a write per member (large images)
     images = [encoded_png((8, 8)), encoded_png((9, 9))]
     paths = [tmp_path / "a.png", tmp_path / "b.png"]
     for path, data in zip(paths, images, strict=True):

@@ -173,7 +173,7 @@ def test_names_equal_after_normalisation_keep_the_first_and_quarantine_the_other
 ) -> None:
     # Batches of two: the clashing names fall in different batches, and a duplicate follows in a third one.
     monkeypatch.setattr(sela.ingest, "_BATCH", 2)
-    assert sela.ingest._batch_size(2) == 2
+    assert sela.ingest._batch_size(2, local=True) == 2
     composed, decomposed = "caf\u00e9.png", "cafe\u0301.png"  # the decomposed path sorts first ('e' < 'é')
     files = {"a.png": GOOD_PNG, composed: encoded(noise((8, 8), 20), "PNG"), decomposed: encoded(noise((8, 8), 21),
              "PNG"), "z.png": encoded(noise((8, 8), 22), "PNG"), "zz.png": GOOD_PNG}
