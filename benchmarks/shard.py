@@ -4,7 +4,8 @@
 
 1. Extracts the archive to a temporary folder (not timed).
 2. Ingest: ``tar -cf`` of the folder (the disk-speed baseline), then ``sela.ingest`` of the same folder with full
-   decode-validation on ``--workers`` processes; prints images/s of each and ingest/tar (goal >= 0.5).
+   decode-validation on ``--workers`` processes; prints images/s of each and ingest/tar (goal >= 0.5), and the
+   ingest's CPU time per image in the main process (listing, routing, shard writes) and in the decode workers.
 3. Read: the shards streamed into training batches (``sela.stream.ShardStream``) against torchvision's
    ``ImageFolder`` + ``DataLoader`` on the extracted folder, same batch size and worker count, images to uint8
    tensors: stock (its default PIL loader + ``PILToTensor``: what the goal stream/ImageFolder >= 1.5 is measured
