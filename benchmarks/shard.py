@@ -4,7 +4,8 @@
 
 1. Extracts the archive to a temporary folder (not timed).
 2. Ingest: ``tar -cf`` of the folder (the disk-speed baseline), then ``sela.ingest`` of the same folder with full
-   decode-validation on ``--workers`` processes; prints images/s of each and ingest/tar (goal >= 0.5).
+   decode-validation on ``--workers`` processes; prints images/s of each and ingest/tar (goal >= 0.5), and the
+   ingest's CPU time per image in the main process (listing, routing, shard writes) and in the decode workers.
 3. Read: the shards streamed into training batches (``sela.stream.ShardStream``) against torchvision's
    ``ImageFolder`` + ``DataLoader`` on the extracted folder, same batch size and worker count, images to uint8
    tensors: stock (its default PIL loader + ``PILToTensor``: what the goal stream/ImageFolder >= 1.5 is measured
@@ -44,9 +45,14 @@ def folder_root(extracted: Path) -> Path:
 
 def cpu_seconds() -> float:
     """CPU time (user + system) of this process and of its finished children so far."""
+    return sum(cpu_split())
+
+
+def cpu_split() -> tuple[float, float]:
+    """CPU time (user + system) of this process, and of its finished children, so far."""
     own = resource.getrusage(resource.RUSAGE_SELF)
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+    return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
 
 
 def time_tar(folder: Path, target: Path) -> tuple[float, float]:
@@ -56,16 +62,16 @@ def time_tar(folder: Path, target: Path) -> tuple[float, float]:
     return time.perf_counter() - start, cpu_seconds() - cpu
 
 
-def time_ingest(folder: Path, output: Path, args: argparse.Namespace) -> tuple[float, float, int]:
-    """(wall seconds, CPU seconds of this process and its workers, images ingested)."""
+def time_ingest(folder: Path, output: Path, args: argparse.Namespace) -> tuple[float, tuple[float, float], int]:
+    """(wall seconds, CPU seconds of this process and of its workers, images ingested)."""
     params = ShardParams(source=str(folder), image_size=args.image_size, samples_per_shard=args.samples_per_shard,
                          min_side=8, max_side=1024)
-    start, cpu = time.perf_counter(), cpu_seconds()
+    start, (own, children) = time.perf_counter(), cpu_split()
     report = ingest(params, str(output), workers=args.workers)
-    seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu  # the pool's workers have exited: counted
+    seconds, (own_end, children_end) = time.perf_counter() - start, cpu_split()  # the pool's workers have exited
     if len(report.quarantine):
         print(f"note: {len(report.quarantine)} files quarantined, e.g. {report.quarantine.iloc[0].to_dict()}")
-    return seconds, cpu, len(report.manifest)
+    return seconds, (own_end - own, children_end - children), len(report.manifest)
 
 
 def load_as_array(path: str, image_size: int) -> np.ndarray:
@@ -122,13 +128,16 @@ def main() -> None:
             archive.extractall(scratch / "extracted", filter="data")
         folder = folder_root(scratch / "extracted")
         tar_seconds, tar_cpu = time_tar(folder, scratch / "folder.tar")
-        ingest_seconds, ingest_cpu, count = time_ingest(folder, scratch / "shards", args)
+        ingest_seconds, (main_cpu, workers_cpu), count = time_ingest(folder, scratch / "shards", args)
+        ingest_cpu = main_cpu + workers_cpu
         files = sum(1 for path in folder.rglob("*") if path.is_file())
         print(f"{'step':<28}{'images':>8}{'seconds':>9}{'images/s':>10}{'CPU s':>8}{'us CPU/image':>14}")
         for name, images, seconds, cpu in [("tar -cf (baseline)", files, tar_seconds, tar_cpu),
                                            ("ingest, decode-validated", count, ingest_seconds, ingest_cpu)]:
             rate, cost = images / seconds, cpu / images * 1e6
             print(f"{name:<28}{images:>8}{seconds:>9.2f}{rate:>10.0f}{cpu:>8.2f}{cost:>14.1f}")
+        main_cost, workers_cost = main_cpu / count * 1e6, workers_cpu / count * 1e6
+        print(f"  ingest CPU per image: main process {main_cost:.1f} us, workers {workers_cost:.1f} us")
         folder_seconds, folder_count = time_image_folder(folder, args, stock=True)
         same_seconds, same_count = time_image_folder(folder, args, stock=False)
         stream_seconds, stream_count = time_stream(scratch / "shards", args)

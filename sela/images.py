@@ -8,6 +8,7 @@ mode to RGB, applying the EXIF orientation and shrinking the long side. A file t
 reason instead. This module imports only Pillow, simplejpeg, numpy and the tar member builder: workers start fast.
 """
 
+import gc
 import hashlib
 import io
 import os
@@ -19,7 +20,7 @@ import numpy as np
 import simplejpeg
 from PIL import Image, ImageOps
 
-from sela.tarmembers import sample_member
+from sela.tarmembers import append_member
 
 # Formats accepted (Pillow format name -> nothing); anything else Pillow can open (ICO, PSD, PPM, EPS, ...) is
 # quarantined as unsupported: uncommon in photo collections, and some decode through external programs.
@@ -33,6 +34,9 @@ _JPEG_SIGNATURE = b"\xff\xd8\xff"
 # Read size: a small file arrives in one call. Not 1 MiB: os.read allocates the whole request before shrinking it,
 # and a buffer that large can cost an mmap, page faults and a munmap per file (26 us against 6 us per 1 KB file).
 _READ_CHUNK = 1 << 16
+# Tar members a worker keeps before writing them to its batch's spool file: one write for a batch of small images,
+# bounded memory for a batch of large ones.
+_SPOOL_BUFFER = 1 << 24
 # libjpeg-turbo colourspace (simplejpeg's header) -> the output simplejpeg can decode it to.
 _JPEG_DECODE_AS = {"YCbCr": "RGB", "RGB": "RGB", "Gray": "GRAY", "CMYK": "CMYK", "YCCK": "CMYK"}
 
@@ -172,21 +176,20 @@ def _encode(image: Image.Image, lossy: bool) -> bytes:
 
 
 class WorkBatch(NamedTuple):
-    """The inputs of one worker task as columns of ``n`` entries: a tuple of lists pickles several times faster
-    than ``n`` tuples, and the process pool moves tens of thousands of files a second.
+    """One worker task: ``n`` files as columns (a few lists of strings pickle in C; ``n`` objects would not).
 
-    Per file: a local ``paths`` entry to read, or its ``datas`` bytes; ``hash_only`` skips the decode (the file is
-    already in a shard: only its hash is compared); a ``reasons`` entry means the main process already
-    quarantined the file and nothing is read; ``keys`` names the tar member built for an accepted image.
-    ``spool`` is the local file the batch's tar members are written to.
+    Per file ``i``: ``paths[i]`` is the local file to read, or None when its bytes come in ``datas[i]`` (``datas``
+    is None when every file is local); ``keys[i]`` names its tar member. Positions in ``hash_only`` are already in
+    a shard, so they are only hashed (the changed-file check), not decoded; ``reasons`` quarantines positions
+    before they are read (a key clash). ``spool`` is the local file the batch's tar members are written to.
     """
 
     paths: list[str | None]
-    datas: list[bytes | None]
-    hash_only: list[bool]
-    reasons: list[str | None]
     keys: list[str]
     spool: str
+    datas: list[bytes | None] | None = None
+    hash_only: frozenset[int] = frozenset()
+    reasons: dict[int, str] | None = None
 
 
 class BatchResult(NamedTuple):
@@ -209,64 +212,78 @@ class BatchResult(NamedTuple):
 
 def read_file(path: str) -> bytes:
     """A file's bytes through raw ``os`` calls: half the cost of ``open().read()`` (no file object, no buffer),
-    which matters when reading 30 k small files a second."""
+    which matters when reading 30 k small files a second. A read shorter than asked for is the end of a regular
+    file, so a small file costs one read, not a second one that returns nothing."""
     descriptor = os.open(path, os.O_RDONLY)
     try:
-        chunks = []
+        chunk = os.read(descriptor, _READ_CHUNK)
+        if len(chunk) < _READ_CHUNK:
+            return chunk
+        chunks = [chunk]
         while chunk := os.read(descriptor, _READ_CHUNK):
             chunks.append(chunk)
     finally:
         os.close(descriptor)
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    return b"".join(chunks)
 
 
 def inspect_batch(batch: WorkBatch, limits: ImageLimits) -> BatchResult:
-    """``inspect_image`` over a batch (one process-pool task); the tar members of the accepted images go to
-    ``batch.spool``."""
+    """``inspect_image`` over the files of ``batch`` (one process-pool task); the tar members of the accepted
+    images go, in one write, to ``batch.spool``."""
     result = BatchResult([], [], [], [], None, [])
-    members: list[bytes] = []
-    for path, data, hash_only, reason, key in zip(
-        batch.paths, batch.datas, batch.hash_only, batch.reasons, batch.keys, strict=True
-    ):
-        inspected = _inspect_item(path, data, hash_only, reason, limits)
+    members = bytearray()
+    spooled = 0  # bytes of members already written to the spool file
+    for index, key in enumerate(batch.keys):
+        inspected = _inspect_item(batch, index, limits)
         result.sha256.append(inspected.sha256)
         result.reasons.append(inspected.reason)
         result.widths.append(inspected.width)
         result.heights.append(inspected.height)
-        if inspected.image:
-            members.append(sample_member(key, inspected.extension, inspected.image))
-            result.member_sizes.append(len(members[-1]))
-        else:
-            result.member_sizes.append(0)
-    if not members:
-        return result
-    write_file(batch.spool, b"".join(members))
-    return result._replace(spool=batch.spool)
+        image = inspected.image
+        result.member_sizes.append(append_member(members, f"{key}.{inspected.extension}", image) if image else 0)
+        if len(members) >= _SPOOL_BUFFER:
+            spooled += write_file(batch.spool, members, spooled)
+            members.clear()
+    if members:
+        spooled += write_file(batch.spool, members, spooled)
+    return result._replace(spool=batch.spool) if spooled else result
 
 
-def write_file(path: str, data: bytes) -> None:
-    """Create (or replace) the file ``path`` holding ``data``, through raw ``os`` calls."""
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+def write_file(path: str, data: bytes | bytearray, offset: int = 0) -> int:
+    """Write ``data`` at ``offset`` of the file ``path`` (created, or emptied first for offset 0), through raw
+    ``os`` calls; returns its length."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if offset == 0 else 0)
+    descriptor = os.open(path, flags, 0o644)
     try:
         view, written = memoryview(data), 0
         while written < len(view):
-            written += os.write(descriptor, view[written:])
+            written += os.pwrite(descriptor, view[written:], offset + written)
     finally:
         os.close(descriptor)
+    return len(view)
 
 
-def _inspect_item(
-    path: str | None, data: bytes | None, hash_only: bool, reason: str | None, limits: ImageLimits
-) -> Inspected:
-    """One file of a ``WorkBatch``; ``image`` is empty unless the file is a new accepted image."""
+def _inspect_item(batch: WorkBatch, index: int, limits: ImageLimits) -> Inspected:
+    """File ``index`` of ``batch``; ``image`` is empty unless the file is a new accepted image."""
+    reason = batch.reasons.get(index) if batch.reasons else None
     if reason is not None:
         return Inspected(sha256="", reason=reason)
+    data = None if batch.datas is None else batch.datas[index]
     if data is None:
-        assert path is not None  # a work item carries a path or bytes
+        path = batch.paths[index]
+        assert path is not None  # a file comes with a path or with its bytes
         try:
             data = read_file(path)
         except OSError as error:
             return Inspected(sha256="", reason=f"unreadable: {error.strerror or error}")
-    if hash_only:
+    if index in batch.hash_only:
         return Inspected(sha256=hashlib.sha256(data).hexdigest(), reason=None)
     return inspect_image(data, limits)
+
+
+def start_worker() -> None:
+    """Process-pool initializer. The ingest pauses the cyclic garbage collector in its process, and a forked
+    worker inherits that: it switches it back on for what it creates itself, with the objects inherited from the
+    parent frozen out of it (a full collection would walk them all, and copy every page it touches)."""
+    gc.freeze()
+    gc.enable()

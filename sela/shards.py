@@ -79,6 +79,7 @@ class ShardStore:
         self.location = str(location)
         self.filesystem, self.root = fsspec.core.url_to_fs(self.location)
         self.root = self.root.rstrip("/")
+        self.local = remote.is_local(self.filesystem)
 
     def path(self, name: str) -> str:
         return f"{self.root}/{name}"
@@ -96,9 +97,21 @@ class ShardStore:
 
     def write_atomic(self, name: str, data: bytes) -> None:
         """Write to ``<name>.tmp`` then rename, so a reader or a resumed run never sees half a file."""
-        self.filesystem.makedirs(self.root, exist_ok=True)
-        self.filesystem.pipe_file(self.path(f"{name}.tmp"), data)
-        self.filesystem.mv(self.path(f"{name}.tmp"), self.path(name))
+        if self.local:  # plain os calls: fsspec's path handling costs more than the write (ingest: 2 files a shard)
+            os.makedirs(self.root, exist_ok=True)
+            with open(self.path(f"{name}.tmp"), "wb") as handle:
+                handle.write(data)
+        else:
+            self.filesystem.makedirs(self.root, exist_ok=True)
+            self.filesystem.pipe_file(self.path(f"{name}.tmp"), data)
+        self.rename(f"{name}.tmp", name)
+
+    def rename(self, source: str, target: str) -> None:
+        """Rename ``source`` to ``target`` (replacing it), both names in the folder."""
+        if self.local:
+            os.replace(self.path(source), self.path(target))
+        else:
+            self.filesystem.mv(self.path(source), self.path(target))
 
     def names(self) -> list[str]:
         if not self.filesystem.isdir(self.root):
@@ -141,27 +154,30 @@ def write_shard(
 
 
 def write_shard_from_files(
-    store: ShardStore, shard: str, ranges: Sequence[tuple[str, int, int]], columns: dict[str, list[object]]
+    store: ShardStore,
+    shard: str,
+    ranges: Sequence[tuple[str, int, int]],
+    columns: dict[str, list[object]],
+    movable: bool = False,
 ) -> pa.Table:
     """``write_shard`` with the members given as byte ``ranges`` (local file, offset, length) of files holding
     them: on a local store they are copied file to file in the kernel (``os.copy_file_range``), never through
-    Python bytes; on a remote one they are read into one buffer and uploaded. Returns the sidecar table."""
+    Python bytes; on a remote one they are read into one buffer and uploaded. Returns the sidecar table.
+
+    ``movable``: the caller gives the files up; one that holds exactly the members (one range, all of the file)
+    becomes the shard by a rename, without a copy.
+    """
     length = sum(size for _, _, size in ranges)
-    store.filesystem.makedirs(store.root, exist_ok=True)
     temporary = store.path(f"{shard}.tmp")
-    if remote.is_local(store.filesystem):
-        target = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    if store.local:
+        os.makedirs(store.root, exist_ok=True)
+        moved = movable and _moved_whole(ranges, temporary)
+        target = os.open(temporary, os.O_WRONLY if moved else os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            position = 0
-            for path, offset, size in ranges:
-                source = os.open(path, os.O_RDONLY)
-                try:
-                    _copy_range(source, offset, target, position, size)
-                finally:
-                    os.close(source)
-                position += size
+            if not moved:
+                _copy_ranges(ranges, target)
             end = tar_end(length)
-            if os.pwrite(target, end, position) != len(end):
+            if os.pwrite(target, end, length) != len(end):
                 raise OSError(f"short write at the end of {temporary}")
         finally:
             os.close(target)
@@ -176,8 +192,36 @@ def write_shard_from_files(
                 if handle.readinto(view[position : position + size]) != size:
                     raise ValueError(f"{path} holds fewer than {offset + size} bytes")
             position += size
+        store.filesystem.makedirs(store.root, exist_ok=True)
         store.filesystem.pipe_file(temporary, bytes(payload))
     return _commit_shard(store, shard, columns)
+
+
+def _moved_whole(ranges: Sequence[tuple[str, int, int]], target: str) -> bool:
+    """Rename the file of ``ranges`` to ``target`` if they are one range covering all of it; False if not (or
+    if it is on another file system)."""
+    if len(ranges) != 1 or ranges[0][1] != 0:
+        return False
+    path, _, size = ranges[0]
+    if os.stat(path).st_size != size:
+        return False
+    try:
+        os.rename(path, target)
+    except OSError:
+        return False
+    return True
+
+
+def _copy_ranges(ranges: Sequence[tuple[str, int, int]], target: int) -> None:
+    """Copy ``ranges`` (path, offset, length) one after the other to the start of the file ``target``."""
+    position = 0
+    for path, offset, size in ranges:
+        source = os.open(path, os.O_RDONLY)
+        try:
+            _copy_range(source, offset, target, position, size)
+        finally:
+            os.close(source)
+        position += size
 
 
 _COPY_CHUNK = 1 << 23  # bytes per read + write where the kernel cannot copy
@@ -204,7 +248,7 @@ def _commit_shard(store: ShardStore, shard: str, columns: dict[str, list[object]
     """Write the sidecar of the complete ``<shard>.tmp``, then rename the tar into place; return the sidecar."""
     table = pa.Table.from_pydict(columns, schema=SIDECAR_SCHEMA)
     store.write_atomic(sidecar_name(shard), parquet_bytes(table))
-    store.filesystem.mv(store.path(f"{shard}.tmp"), store.path(shard))
+    store.rename(f"{shard}.tmp", shard)
     return table
 
 

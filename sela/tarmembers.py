@@ -1,8 +1,8 @@
 """Tar members as bytes, built without ``tarfile``: the same bytes ``tarfile`` writes, at a tenth of the cost.
 
 A shard is the concatenation of members (512-byte GNU header, payload, zero padding to 512) and an end marker.
-Ingest workers build the member of each sample in parallel and spool them to files; the writing process copies
-byte ranges of those files into shards.
+Ingest workers build the members of their samples in parallel (``append_member``) and spool them to files; the
+writing process copies byte ranges of those files into shards.
 Owner, group, mode and mtime are fixed, so the bytes depend only on names and payloads. ``read_members`` parses
 shards written this way (and any plain ustar/GNU tar of regular files) much faster than ``tarfile``.
 """
@@ -18,6 +18,7 @@ _GNU_MAGIC = b"ustar  \x00"
 _REGULAR_TYPES = (b"0", b"\x00")
 _LONG_NAME_TYPE = b"L"
 _EMPTY_BLOCK = bytes(BLOCK)
+_ZEROS = memoryview(_EMPTY_BLOCK)  # padding sliced without a copy
 
 
 def tar_member(name: str, data: bytes) -> bytes:
@@ -33,6 +34,21 @@ def tar_member(name: str, data: bytes) -> bytes:
 def sample_member(key: str, extension: str, image: bytes) -> bytes:
     """The one member of a sample, ``<key>.<extension>``: its metadata lives in the manifest, not in the shard."""
     return tar_member(f"{key}.{extension}", image)
+
+
+def append_member(buffer: bytearray, name: str, data: bytes) -> int:
+    """Append ``tar_member(name, data)`` to ``buffer`` and return its length: an ingest worker builds all the
+    members of a batch in one buffer, without an intermediate bytes object per member."""
+    encoded = name.encode("utf-8")
+    if len(encoded) > 100:
+        member = tar_member(name, data)
+        buffer += member
+        return len(member)
+    padding = -len(data) % BLOCK
+    buffer += _header(encoded, len(data))
+    buffer += data
+    buffer += _ZEROS[:padding]
+    return BLOCK + len(data) + padding
 
 
 def tar_end(length: int) -> bytes:

@@ -14,6 +14,7 @@ from sela.data import (
     SourceListing,
     decode_image,
     escape_key,
+    folder_runs,
     iter_digit_samples,
     iter_payloads,
     list_source,
@@ -231,6 +232,22 @@ def test_decomposed_unicode_names_give_the_same_key_as_composed_ones(tmp_path: P
 
     assert (file.key, file.ground_truth) == (escape_key("dogs/café.png"), "dogs")
     assert file.source_path == f"{root}/{decomposed}"
+
+
+def test_folder_runs_stream_the_listing_in_key_order_where_files_and_folders_interleave(tmp_path: Path) -> None:
+    # Root files sort between folders ('a-' < 'a-b/' < 'a/' < 'a_2ejpg' < 'b/'), a folder's own files between its
+    # sub-folders, and two folders whose names are equal after NFC share their keys: one sorted block.
+    names = ["a-", "a.jpg", "a-b/x.png", "a/x.png", "a/m.png", "a/k/z.png", "a/l", "a/k.png", "b/c/d/e.png", "z z",
+             "caf\u00e9/2.png", "cafe\u0301/1.png", "cafe\u0301/3.png", "_/x", "-/x", "A/x", "a/k-/y.png"]
+    root = make_folder(tmp_path / "images", {name: b"x" for name in names})
+
+    runs = folder_runs(str(root))
+    listing = list_source(str(root), 32)
+
+    assert runs is not None
+    assert list(itertools.chain.from_iterable(runs)) == listing.files == sorted(listing.files)
+    assert sorted(file.source_path for file in listing.files) == sorted(f"{root}/{name}" for name in names)
+    assert folder_runs(str(root / "a" / "x.png")) is None and folder_runs("digits") is None
 
 
 @pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P"])

@@ -1,4 +1,5 @@
-"""The ingest worker: unreadable paths, hash-only items and pre-decided reasons, and bomb-sized images."""
+"""The ingest worker: unreadable paths, hash-only items and pre-decided reasons, spooled members, bomb-sized
+images."""
 
 import hashlib
 import io
@@ -7,33 +8,60 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+import sela.images
 from sela.images import ImageLimits, WorkBatch, inspect_batch, inspect_image
+from sela.tarmembers import sample_member
 
 LIMITS = ImageLimits(min_side=2, max_side=64)
 
 
 def test_a_file_that_vanished_after_listing_is_unreadable_not_a_crash(tmp_path: Path) -> None:
     # The path-based read is the one chmod 000 exercises; a missing file takes it as root too.
-    spool = str(tmp_path / "batch.bin")
-    batch = WorkBatch([str(tmp_path / "gone.png")], [None], [False], [None], ["gone_2epng"], spool)
+    batch = WorkBatch([str(tmp_path / "gone.png")], ["gone_2epng"], str(tmp_path / "batch.bin"))
 
     result = inspect_batch(batch, LIMITS)
 
     assert result.reasons == ["unreadable: No such file or directory"]
     assert (result.spool, result.member_sizes) == (None, [0])
-    assert not Path(spool).exists()
+    assert list(tmp_path.iterdir()) == []  # no spool file without a member
 
 
 def test_hash_only_and_pre_decided_items_skip_the_decode(tmp_path: Path) -> None:
     spool = str(tmp_path / "batch.bin")
-    batch = WorkBatch([None, None], [b"not an image", None], [True, False], [None, "x"], ["a", "b"], spool)
+    batch = WorkBatch([None, None], ["a", "b"], spool, [b"not an image", None], frozenset({0}), {1: "x"})
 
     result = inspect_batch(batch, LIMITS)
 
     assert result.reasons == [None, "x"]
     assert result.sha256 == [hashlib.sha256(b"not an image").hexdigest(), ""]
     assert (result.spool, result.member_sizes) == (None, [0, 0])
-    assert not Path(spool).exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("buffer", [1 << 24, 1])
+def test_members_of_a_batch_are_spooled_back_to_back_in_input_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, buffer: int
+) -> None:
+    monkeypatch.setattr(sela.images, "_SPOOL_BUFFER", buffer)  # 1: a write per member (large images)
+    images = [encoded_png((8, 8)), encoded_png((9, 9))]
+    paths = [tmp_path / "a.png", tmp_path / "b.png"]
+    for path, data in zip(paths, images, strict=True):
+        path.write_bytes(data)
+    batch = WorkBatch([*map(str, paths)], ["a", "b"], str(tmp_path / "batch.bin"))
+
+    result = inspect_batch(batch, LIMITS)
+
+    assert result.reasons == [None, None] and (result.widths, result.heights) == ([8, 9], [8, 9])
+    assert result.spool == batch.spool
+    spooled = Path(batch.spool).read_bytes()
+    assert spooled == sample_member("a", "png", images[0]) + sample_member("b", "png", images[1])
+    assert result.member_sizes == [len(sample_member("a", "png", images[0])), len(spooled) - result.member_sizes[0]]
+
+
+def encoded_png(size: tuple[int, int]) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (1, 2, 3)).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def test_decompression_bombs_are_quarantined(monkeypatch: pytest.MonkeyPatch) -> None:

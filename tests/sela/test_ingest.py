@@ -14,6 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+import sela.ingest
+import sela.shards
 from sela.config import ShardParams
 from sela.data import escape_key
 from sela.ingest import ingest
@@ -165,6 +167,29 @@ def test_stored_images_are_rgb_upright_shrunk_and_originals_are_kept_byte_for_by
     assert loaded.images.shape == (len(report.manifest), 16, 16, 3)
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_names_equal_after_normalisation_keep_the_first_and_quarantine_the_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: int
+) -> None:
+    # Batches of two: the clashing names fall in different batches, and a duplicate follows in a third one.
+    monkeypatch.setattr(sela.ingest, "_BATCH", 2)
+    assert sela.ingest._batch_size(2, local=True) == 2
+    composed, decomposed = "caf\u00e9.png", "cafe\u0301.png"  # the decomposed path sorts first ('e' < 'é')
+    files = {"a.png": GOOD_PNG, composed: encoded(noise((8, 8), 20), "PNG"), decomposed: encoded(noise((8, 8), 21),
+             "PNG"), "z.png": encoded(noise((8, 8), 22), "PNG"), "zz.png": GOOD_PNG}
+    source = write_folder(tmp_path / "images", files)
+
+    report = ingest(params(source, samples_per_shard=2), str(tmp_path / "shards"), workers=workers)
+
+    assert report.inputs == 5
+    assert report.manifest["source_path"].tolist() == [f"{source}/{name}" for name in ("a.png", decomposed, "z.png")]
+    assert report.quarantine.to_dict("records") == [
+        {"path": f"{source}/{composed}", "key": "caf_c3_a9_2epng",
+         "reason": f"same key as {source}/{decomposed} (names equal after normalisation)"},
+        {"path": f"{source}/zz.png", "key": "zz_2epng", "reason": f"duplicate of {source}/a.png"},
+    ]
+
+
 def test_unreadable_file_is_quarantined(tmp_path: Path) -> None:
     source = write_folder(tmp_path / "images", {"a.png": GOOD_PNG, "locked.png": encoded(noise((8, 8), 12), "PNG")})
     locked = source / "locked.png"
@@ -201,6 +226,24 @@ def test_ingest_twice_and_with_any_worker_count_gives_identical_files(tmp_path: 
 def many_images(count: int, start: int = 0, side: int = 16) -> dict[str, bytes]:
     return {f"class-{index % 3}/img {index:04d}.png": encoded(noise((side, side), index), "PNG")
             for index in range(start, start + count)}
+
+
+def test_a_batch_per_shard_renames_spool_files_into_shards_with_the_same_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    files = many_images(14)
+    files["class-1/img 0004 again.png"] = files["class-1/img 0004.png"]  # a duplicate: later shards are copied
+    source = write_folder(tmp_path / "images", files)
+    ingest(params(source), str(tmp_path / "copied"), workers=2)  # batches of 1024 files: every shard copied
+    moved: list[bool] = []
+    move = sela.shards._moved_whole
+    monkeypatch.setattr(sela.shards, "_moved_whole", lambda *args: moved.append(move(*args)) or moved[-1])
+    monkeypatch.setattr(sela.ingest, "_BATCH", 4)  # batches of 4 files, a shard's worth
+
+    ingest(params(source), str(tmp_path / "moved"), workers=2)
+
+    assert moved[0] and False in moved  # the first shard renamed; after the duplicate, copied
+    assert folder_hashes(tmp_path / "moved") == folder_hashes(tmp_path / "copied")
 
 
 def test_adding_ten_images_adds_one_shard_and_keeps_the_old_ones(tmp_path: Path) -> None:
@@ -258,6 +301,8 @@ def test_changed_parameters_rebuild_from_scratch(tmp_path: Path) -> None:
 KILLABLE_RUN = """
 import sys
 sys.path.insert(0, {root!r})
+import sela.ingest
+import sela.shards
 from sela.config import ShardParams
 from sela.ingest import ingest
 ingest(ShardParams(source={source!r}, image_size=16, samples_per_shard=20, min_side=4, max_side={max_side}),

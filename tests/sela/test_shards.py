@@ -221,3 +221,20 @@ def test_shard_from_byte_ranges_of_files_equals_the_shard_from_members(
     expected = (tmp_path / "b" / "shard-000000.tar").read_bytes()
     assert (tmp_path / "a" / "shard-000000.tar").read_bytes() == expected
     assert ShardStore(f"memory://{tmp_path.name}/c").read_bytes("shard-000000.tar") == expected
+
+
+def test_a_movable_file_holding_exactly_the_members_becomes_the_shard(tmp_path: Path) -> None:
+    members = [sample_member(f"k{index}", "png", bytes([index]) * (100 + 300 * index)) for index in range(3)]
+    whole, part = tmp_path / "whole.bin", tmp_path / "part.bin"
+    whole.write_bytes(b"".join(members))
+    part.write_bytes(b"".join(members) + b"the next shard's members")
+    columns = {"key": [], "shard": [], "source_path": [], "ground_truth": [], "sha256": [], "width": [], "height": []}
+    length = len(whole.read_bytes())
+
+    write_shard_from_files(ShardStore(tmp_path / "a"), "shard-000000.tar", [(str(whole), 0, length)], columns, True)
+    write_shard_from_files(ShardStore(tmp_path / "b"), "shard-000000.tar", [(str(part), 0, length)], columns, True)
+    write_shard(ShardStore(tmp_path / "c"), "shard-000000.tar", members, columns)
+
+    expected = (tmp_path / "c" / "shard-000000.tar").read_bytes()
+    assert not whole.exists() and (tmp_path / "a" / "shard-000000.tar").read_bytes() == expected  # renamed
+    assert part.exists() and (tmp_path / "b" / "shard-000000.tar").read_bytes() == expected  # copied
