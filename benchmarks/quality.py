@@ -25,6 +25,7 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -89,7 +90,7 @@ def baselines(train_split: LoadedShards, test_split: LoadedShards, params: Param
 
 
 def self_label(params: Params, images: torch.Tensor, budget_seconds: float, truth: list,
-               log: callable) -> tuple[train.Checkpoint, float]:
+               log: Callable[[str], None]) -> tuple[train.Checkpoint, float]:
     """The pipeline's loop (relabel on schedule, one epoch at a time) fitted to the budget. Returns the checkpoint
     and the seconds spent. ``truth`` only feeds the progress line (agreement of head 0's labels with the classes)."""
     device = torch.device("cpu")
@@ -184,7 +185,7 @@ def score(model: torch.nn.Module, train_split: LoadedShards, test_split: LoadedS
     }
 
 
-def report(results: dict[str, dict[str, float]], seconds: float, params: Params, log: callable) -> None:
+def report(results: dict[str, dict[str, float]], seconds: float, params: Params, log: Callable[[str], None]) -> None:
     """The table, then the ratios the issue's goals are stated in."""
     log(f"\ntraining: {seconds / 60:.1f} min on {torch.get_num_threads()} threads, "
         f"{params.train.architecture} width {params.train.width}")

@@ -49,6 +49,15 @@ TINY_TRAINING = {"train.width": 8, "train.image_size": 16, "train.num_heads": 2,
                  "train.num_relabels": 2, "train.relabel_views": 1, "transfer.epochs": 2, "transfer.width": 8}
 
 
+def write_folder(root: Path, files: dict[str, bytes]) -> Path:
+    """Write ``files`` (relative path -> bytes) under ``root``, making folders as needed. Returns ``root``."""
+    for relative, data in files.items():
+        path = root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return root
+
+
 @pytest.fixture(scope="session")
 def prefect_api_url():
     """One real Prefect server (SQLite in a temp dir) for the whole session; yields its API URL."""

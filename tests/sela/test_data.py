@@ -20,6 +20,7 @@ from sela.data import (
     list_source,
     unescape_key,
 )
+from tests.conftest import write_folder
 
 
 def encode(color: tuple[int, int, int], image_format: str, size: tuple[int, int] = (6, 5)) -> bytes:
@@ -50,14 +51,6 @@ EXPECTED = [
     ("notes.txt", "notes_2etxt", None),
     ("v2.0/x.gif", "v2_2e0/x_2egif", "v2.0"),
 ]
-
-
-def make_folder(root: Path, files: dict[str, bytes]) -> Path:
-    for relative, data in files.items():
-        path = root / relative
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-    return root
 
 
 def make_archive(path: Path, files: dict[str, bytes], prefix: str = "") -> Path:
@@ -112,7 +105,7 @@ def test_digits_are_rendered_deterministically_at_the_requested_size() -> None:
 
 
 def test_folder_source_lists_every_file_with_escaped_keys_and_ground_truth(tmp_path: Path) -> None:
-    root = make_folder(tmp_path / "images", FILES)
+    root = write_folder(tmp_path / "images", FILES)
 
     listing = list_source(str(root), 32)
 
@@ -137,7 +130,7 @@ def test_archive_source_matches_folder_source(tmp_path: Path, name: str, prefix:
 
 
 def test_archive_with_directory_members_matches_the_folder(tmp_path: Path) -> None:
-    root = make_folder(tmp_path / "images", FILES)
+    root = write_folder(tmp_path / "images", FILES)
     archive = tmp_path / "added.tar.gz"
     with tarfile.open(archive, mode="w:gz") as opened:
         opened.add(root, arcname=".")  # adds directory members too: only regular files count
@@ -146,7 +139,7 @@ def test_archive_with_directory_members_matches_the_folder(tmp_path: Path) -> No
 
 
 def test_glob_source_keys_are_relative_to_the_part_before_the_wildcard(tmp_path: Path) -> None:
-    root = make_folder(tmp_path / "images", FILES)
+    root = write_folder(tmp_path / "images", FILES)
 
     listing = list_source(f"{root}/**/*.png", 32)
 
@@ -155,7 +148,7 @@ def test_glob_source_keys_are_relative_to_the_part_before_the_wildcard(tmp_path:
 
 
 def test_list_file_resolves_relative_lines_and_keys_urls_by_scheme(tmp_path: Path) -> None:
-    root = make_folder(tmp_path / "images", FILES)
+    root = write_folder(tmp_path / "images", FILES)
     with fsspec.open(f"memory://{tmp_path.name}/extra/dog.png", "wb") as handle:
         handle.write(FILES["dogs/café.png"])
     listed = root / "list.txt"
@@ -226,7 +219,7 @@ def test_escape_key_never_collides_where_the_old_sanitiser_did() -> None:
 def test_decomposed_unicode_names_give_the_same_key_as_composed_ones(tmp_path: Path) -> None:
     # macOS stores 'é' as 'e' + combining accent; keys must not depend on that.
     decomposed = "dogs/cafe\u0301.png"
-    root = make_folder(tmp_path / "images", {decomposed: encode((0, 0, 255), "PNG")})
+    root = write_folder(tmp_path / "images", {decomposed: encode((0, 0, 255), "PNG")})
 
     (file,) = list_source(str(root), 32).files
 
@@ -239,7 +232,7 @@ def test_folder_runs_stream_the_listing_in_key_order_where_files_and_folders_int
     # sub-folders, and two folders whose names are equal after NFC share their keys: one sorted block.
     names = ["a-", "a.jpg", "a-b/x.png", "a/x.png", "a/m.png", "a/k/z.png", "a/l", "a/k.png", "b/c/d/e.png", "z z",
              "caf\u00e9/2.png", "cafe\u0301/1.png", "cafe\u0301/3.png", "_/x", "-/x", "A/x", "a/k-/y.png"]
-    root = make_folder(tmp_path / "images", {name: b"x" for name in names})
+    root = write_folder(tmp_path / "images", {name: b"x" for name in names})
 
     runs = folder_runs(str(root))
     listing = list_source(str(root), 32)

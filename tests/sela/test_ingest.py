@@ -20,7 +20,7 @@ from sela.config import ShardParams
 from sela.data import escape_key
 from sela.ingest import ingest
 from sela.shards import iter_shard_samples, read_shards
-from tests.conftest import PROJECT_ROOT
+from tests.conftest import PROJECT_ROOT, write_folder
 
 MAX_SIDE = 256
 
@@ -91,14 +91,6 @@ BAD_FOLDER: dict[str, tuple[bytes, str | None]] = {
     "names/café ünï ☃.png": (encoded(noise((8, 8), 10), "PNG"), None),
     "names/.hidden.png": (encoded(noise((8, 8), 11), "PNG"), None),
 }
-
-
-def write_folder(root: Path, files: dict[str, bytes]) -> Path:
-    for relative, data in files.items():
-        path = root / relative
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-    return root
 
 
 def folder_hashes(folder: Path) -> dict[str, str]:
