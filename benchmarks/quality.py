@@ -89,12 +89,12 @@ def baselines(train_split: LoadedShards, test_split: LoadedShards, params: Param
     return {"k-means pixels": label_quality(clusters, test_split.ground_truth), "kNN pixels": {"knn": knn}}
 
 
-def self_label(params: Params, images: torch.Tensor, budget_seconds: float, truth: list,
+def self_label(params: Params, images: torch.Tensor, budget_seconds: float, truth: list, device: torch.device,
                log: Callable[[str], None]) -> tuple[train.Checkpoint, float]:
     """The pipeline's loop (relabel on schedule, one epoch at a time) fitted to the budget. Returns the checkpoint
     and the seconds spent. ``truth`` only feeds the progress line (agreement of head 0's labels with the classes)."""
-    device = torch.device("cpu")
     settings = params.train
+    images = images.to(device)  # 150 MB of uint8 at 32 px: on a GPU, augmentation reads it there
     checkpoint = train.new_checkpoint(settings, len(images))
     start = time.perf_counter()
     schedule = set(train.relabel_epochs(settings.epochs, settings.num_relabels, settings.relabel_power))
@@ -135,7 +135,10 @@ def main() -> None:
     parser.add_argument("--subset", type=int, default=0,
                         help="train on this many train images (a fixed random choice) for quick comparisons; 0: all")
     parser.add_argument("--overrides", default="{}", help='JSON of params.yaml overrides, e.g. \'{"train.width": 48}\'')
+    parser.add_argument("--device", default="cpu", help="torch device for training and scoring, e.g. cuda")
     args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed batch shapes: let cuDNN pick its fastest kernels
 
     def log(line: str) -> None:
         print(line, flush=True)
@@ -156,38 +159,41 @@ def main() -> None:
 
     train_images = torch.from_numpy(train_split.images)
     initial = train.new_checkpoint(params.train, len(train_images)).model
-    results["kNN initial network"] = {"knn": network_knn(initial, train_split, test_split, params)}
-    checkpoint, seconds = self_label(params, train_images, args.budget_minutes * 60, train_split.ground_truth, log)
-    results.update(score(checkpoint.model, train_split, test_split, params))
-    report(results, seconds, params, log)
+    results["kNN initial network"] = {"knn": network_knn(initial, train_split, test_split, params, device)}
+    checkpoint, seconds = self_label(params, train_images, args.budget_minutes * 60, train_split.ground_truth,
+                                     device, log)
+    results.update(score(checkpoint.model, train_split, test_split, params, device))
+    report(results, seconds, params, device, log)
 
 
-def network_knn(model: torch.nn.Module, train_split: LoadedShards, test_split: LoadedShards, params: Params) -> float:
+def network_knn(model: torch.nn.Module, train_split: LoadedShards, test_split: LoadedShards, params: Params,
+                device: torch.device) -> float:
     """Weighted kNN accuracy on the test split of ``model``'s backbone features."""
-    device, size = torch.device("cpu"), params.train.image_size
+    size = params.train.image_size
     train_features = compute_features(model, torch.from_numpy(train_split.images), size, device)
     test_features = compute_features(model, torch.from_numpy(test_split.images), size, device)
     return knn_test_accuracy(train_features, train_split.ground_truth, test_features, test_split.ground_truth, params)
 
 
-def score(model: torch.nn.Module, train_split: LoadedShards, test_split: LoadedShards,
-          params: Params) -> dict[str, dict[str, float]]:
+def score(model: torch.nn.Module, train_split: LoadedShards, test_split: LoadedShards, params: Params,
+          device: torch.device) -> dict[str, dict[str, float]]:
     """The exported label set on train, its head's predictions on test, and kNN on the learned features."""
-    device = torch.device("cpu")
     final = export.final_labels(model, torch.from_numpy(train_split.images), params, device)
     head = final.selected_head
     logits = train.compute_logits(model, torch.from_numpy(test_split.images), params.train, device, augmented=False)
-    predicted = logits[head].argmax(1).numpy()
+    predicted = logits[head].argmax(1).cpu().numpy()
     return {
         "sela labels (train)": label_quality(final.labels[head], train_split.ground_truth),
         "sela head (test)": {**label_quality(predicted, test_split.ground_truth),
-                             "knn": network_knn(model, train_split, test_split, params)},
+                             "knn": network_knn(model, train_split, test_split, params, device)},
     }
 
 
-def report(results: dict[str, dict[str, float]], seconds: float, params: Params, log: Callable[[str], None]) -> None:
+def report(results: dict[str, dict[str, float]], seconds: float, params: Params, device: torch.device,
+           log: Callable[[str], None]) -> None:
     """The table, then the ratios the issue's goals are stated in."""
-    log(f"\ntraining: {seconds / 60:.1f} min on {torch.get_num_threads()} threads, "
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
+    log(f"\ntraining: {seconds / 60:.1f} min on {where}, "
         f"{params.train.architecture} width {params.train.width}")
     log(f"{'':<22}{'ACC':>7}{'NMI':>7}{'ARI':>7}{'kNN':>7}")
     for name, values in results.items():
@@ -195,8 +201,11 @@ def report(results: dict[str, dict[str, float]], seconds: float, params: Params,
                         for key in ("acc", "nmi", "ari", "knn"))
         log(f"{name:<22}{cells}")
     test, kmeans = results["sela head (test)"], results["k-means pixels"]
-    log(f"\nACC {100 * test['acc']:.1f} = {test['acc'] / kmeans['acc']:.2f}x k-means (goal >= 35.0); "
-        f"kNN {100 * test['knn']:.1f} = {test['knn'] / results['kNN pixels']['knn']:.2f}x pixel kNN (goal >= 50.0)")
+    # The issue's goals: 30 minutes on 2 CPU cores, or at most 8 minutes of training on one H100.
+    acc_goal, knn_goal = (62.0, 78.0) if device.type == "cuda" else (35.0, 50.0)
+    log(f"\nACC {100 * test['acc']:.1f} = {test['acc'] / kmeans['acc']:.2f}x k-means (goal >= {acc_goal}); "
+        f"kNN {100 * test['knn']:.1f} = {test['knn'] / results['kNN pixels']['knn']:.2f}x pixel kNN "
+        f"(goal >= {knn_goal})")
 
 
 if __name__ == "__main__":

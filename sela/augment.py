@@ -29,7 +29,8 @@ def normalise(images: torch.Tensor) -> torch.Tensor:
 
 
 def _uniform(count: int, low: float, high: float, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    return torch.rand(count, generator=generator, device=device) * (high - low) + low
+    # Drawn on the generator's device (CPU), then moved: the same seed gives the same augmentations on any device.
+    return (torch.rand(count, generator=generator) * (high - low) + low).to(device)
 
 
 def random_resized_crop(
@@ -97,9 +98,9 @@ def augment(
     batch = random_resized_crop(batch, size, (params.crop_scale_min, params.crop_scale_max), generator)
     batch = color_jitter(batch, params.color_jitter, generator)
     count, device = batch.shape[0], batch.device
-    gray = torch.rand(count, generator=generator, device=device) < params.grayscale_probability
+    gray = _uniform(count, 0, 1, generator, device) < params.grayscale_probability
     batch = torch.where(gray[:, None, None, None], _grayscale(batch), batch)
-    flip = torch.rand(count, generator=generator, device=device) < params.flip_probability
+    flip = _uniform(count, 0, 1, generator, device) < params.flip_probability
     batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
     return normalise(batch)
 

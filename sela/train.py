@@ -72,7 +72,7 @@ def save_checkpoint(checkpoint: Checkpoint, path: Path) -> None:
         "epoch": checkpoint.epoch,
         "cluster_potentials": [None if p is None else torch.from_numpy(p) for p in checkpoint.cluster_potentials],
         "history": checkpoint.history,
-        "epoch_logits": checkpoint.epoch_logits,
+        "epoch_logits": None if checkpoint.epoch_logits is None else [t.cpu() for t in checkpoint.epoch_logits],
     }
     temporary = path.with_suffix(path.suffix + ".tmp")
     torch.save(payload, temporary)
@@ -103,41 +103,67 @@ def learning_rate(params: TrainParams, epoch: int) -> float:
 def train_epoch(
     checkpoint: Checkpoint, images: torch.Tensor, params: TrainParams, device: torch.device
 ) -> dict[str, float]:
-    """One pass of SGD over augmented ``images`` uint8 (N, H, W, 3). Returns mean loss, accuracy, lr."""
+    """One pass of SGD over augmented ``images`` uint8 (N, H, W, 3), on the CPU or already on ``device``.
+
+    Returns mean loss, accuracy, lr. On a GPU, augmentation runs there, the forward pass under bfloat16 autocast in
+    channels-last layout, and nothing waits for the GPU before the epoch ends (running sums stay on the device).
+    """
     generator = torch.Generator(device="cpu").manual_seed(params.seed * 100_003 + checkpoint.epoch)
-    model = checkpoint.model.to(device).train()
+    model = _to_device(checkpoint.model, device).train()
     rate = learning_rate(params, checkpoint.epoch)
     for group in checkpoint.optimizer.param_groups:
         group["lr"] = rate
-    targets = torch.from_numpy(checkpoint.labels)
+    targets = torch.from_numpy(checkpoint.labels).to(device)
     order = torch.randperm(images.shape[0], generator=generator)
     keep_logits = params.relabel_from == "last_epoch"
-    epoch_logits = [torch.zeros(images.shape[0], size) for size in params.head_sizes] if keep_logits else None
-    total_loss, total_correct, seen = 0.0, 0.0, 0
+    epoch_logits = [torch.zeros(images.shape[0], size, device=device) for size in params.head_sizes] if keep_logits \
+        else None
+    total_loss = torch.zeros((), dtype=torch.float64, device=device)
+    total_correct = torch.zeros((), dtype=torch.float64, device=device)
+    seen = 0
     for start in range(0, len(order), params.batch_size):
         index = order[start : start + params.batch_size]
         if len(index) < 2:  # BatchNorm needs two samples; the remainder joins the next epoch's shuffle
             continue
-        batch = augment(images[index], params.augment, params.image_size, generator).to(device)
-        batch_targets = targets[:, index].to(device)
-        outputs = model(batch)
+        batch = _layout(augment(images[index.to(images.device)].to(device), params.augment, params.image_size,
+                                generator), device)
+        device_index = index.to(device)
+        batch_targets = targets[:, device_index]
+        with _autocast(device):
+            outputs = [head_logits.float() for head_logits in model(batch)]
         if epoch_logits is not None:
             for stored, head_logits in zip(epoch_logits, outputs, strict=True):
-                stored[index] = head_logits.detach().float().cpu()
+                stored[device_index] = head_logits.detach()
         loss = sum(functional.cross_entropy(o, t) for o, t in zip(outputs, batch_targets, strict=True)) / len(outputs)
         checkpoint.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         checkpoint.optimizer.step()
-        total_loss += loss.item() * len(index)
-        correct = sum((o.argmax(1) == t).sum().item() for o, t in zip(outputs, batch_targets, strict=True))
+        total_loss += loss.detach() * len(index)
+        correct = sum((o.argmax(1) == t).sum() for o, t in zip(outputs, batch_targets, strict=True))
         total_correct += correct / len(outputs)
         seen += len(index)
     checkpoint.epoch += 1
     # Images skipped above (a remainder of one) keep zero logits: a uniform row, which Sinkhorn handles.
     checkpoint.epoch_logits = epoch_logits
-    summary = {"epoch": checkpoint.epoch, "loss": total_loss / seen, "accuracy": total_correct / seen, "lr": rate}
+    summary = {"epoch": checkpoint.epoch, "loss": total_loss.item() / seen, "accuracy": total_correct.item() / seen,
+               "lr": rate}
     checkpoint.history.append({"kind": "epoch", **summary})
     return summary
+
+
+def _to_device(model: MultiHeadNet, device: torch.device) -> MultiHeadNet:
+    """The model on ``device``; channels-last on a GPU (what its convolution kernels are fastest in)."""
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+
+
+def _layout(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return batch.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else batch
+
+
+def _autocast(device: torch.device) -> torch.autocast:
+    """bfloat16 autocast on a GPU; plain float32 on the CPU (so CPU results do not depend on this)."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 @torch.no_grad()
@@ -151,16 +177,18 @@ def compute_logits(
     batch_size: int = 512,
 ) -> list[torch.Tensor]:
     """Logits of every head for every image, row i for image i. -> num_heads x (N, K) float32 on ``device``."""
-    model = model.to(device).eval()
+    model = _to_device(model, device).eval()
     generator = torch.Generator(device="cpu").manual_seed(seed)
     outputs: list[list[torch.Tensor]] = [[] for _ in model.heads]
     for start in range(0, images.shape[0], batch_size):
-        raw = images[start : start + batch_size]
+        raw = images[start : start + batch_size].to(device)
         if augmented:
             batch = augment(raw, params.augment, params.image_size, generator)
         else:
             batch = center(raw, params.image_size)
-        for head, logits in enumerate(model(batch.to(device))):
+        with _autocast(device):
+            head_outputs = model(_layout(batch, device))
+        for head, logits in enumerate(head_outputs):
             outputs[head].append(logits.float())
     model.train()
     return [torch.cat(head_outputs) for head_outputs in outputs]
@@ -175,11 +203,24 @@ def solve_head(logits: torch.Tensor, params: TrainParams, warm_start: np.ndarray
     if logits.is_cuda:
         import cupy  # a CUDA device without CuPy is a broken install: fail loudly, never fall back silently
 
-        array = cupy.from_dlpack(logits.detach())
-        warm = None if warm_start is None else cupy.asarray(warm_start)
-    else:
-        array, warm = logits.detach().cpu().numpy(), warm_start
-    result = sinkhorn_knopp(
+        torch.cuda.empty_cache()  # blocks torch caches are invisible to CuPy's free-memory check
+        with cupy.cuda.Device(logits.device.index):  # CuPy allocates and launches on its *current* device
+            array = cupy.from_dlpack(logits.detach())
+            warm = None if warm_start is None else cupy.asarray(warm_start)
+            result = _solve(array, settings, warm)
+            result.labels, result.confidence, result.log_cluster_potential = (
+                cupy.asnumpy(result.labels),
+                cupy.asnumpy(result.confidence),
+                cupy.asnumpy(result.log_cluster_potential),
+            )
+            del array, warm
+            cupy.get_default_memory_pool().free_all_blocks()  # give the stored kernel's memory back to torch
+        return result
+    return _solve(logits.detach().cpu().numpy(), settings, warm_start)
+
+
+def _solve(array: Any, settings: Any, warm: Any) -> SinkhornResult:
+    return sinkhorn_knopp(
         array,
         settings.sharpness,
         tolerance=settings.tolerance,
@@ -188,13 +229,6 @@ def solve_head(logits: torch.Tensor, params: TrainParams, warm_start: np.ndarray
         storage=settings.dtype,
         warm_start=warm,
     )
-    if logits.is_cuda:
-        result.labels, result.confidence, result.log_cluster_potential = (
-            cupy.asnumpy(result.labels),
-            cupy.asnumpy(result.confidence),
-            cupy.asnumpy(result.log_cluster_potential),
-        )
-    return result
 
 
 def relabel(

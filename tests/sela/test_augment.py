@@ -1,5 +1,6 @@
 """Batched augmentations: shapes, determinism under a seed, and each operation doing what it says."""
 
+import pytest
 import torch
 
 from sela.augment import augment, center, normalise, to_float
@@ -49,3 +50,14 @@ def test_normalise_uses_imagenet_statistics():
     grey = torch.full((1, 3, 2, 2), 0.485)
     assert abs(normalise(grey)[0, 0].mean().item()) < 1e-6
     assert to_float(torch.full((1, 2, 2, 3), 255, dtype=torch.uint8)).max() == 1.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_augmentation_equals_cpu_for_the_same_seed():
+    # The random parameters are drawn on the CPU generator either way: the same images, crops, jitter and flips.
+    settings = params(crop_scale_min=0.3, grayscale_probability=0.5, color_jitter=0.4, flip_probability=0.5)
+    batch = images(32, 32)
+    on_cpu = augment(batch, settings, 24, torch.Generator().manual_seed(3))
+    on_gpu = augment(batch.cuda(), settings, 24, torch.Generator().manual_seed(3))
+    assert on_gpu.is_cuda
+    torch.testing.assert_close(on_gpu.cpu(), on_cpu, atol=1e-3, rtol=1e-3)

@@ -118,7 +118,9 @@ def test_fused_gpu_pass_equals_the_two_products(xp, storage):
     kernel.write_rows(0, xp.asarray(matrix[:1234]))
     kernel.write_rows(1234, xp.asarray(matrix[1234:]))
     decoded = to_numpy(kernel.decoded()).astype(np.float64)
-    np.testing.assert_allclose(decoded, matrix, rtol=2 ** -8 if storage == "bfloat16" else 2 ** -11)
+    # float16 entries below 2^-14 are subnormal (absolute spacing 2^-24): compare those absolutely
+    np.testing.assert_allclose(decoded, matrix, rtol=2 ** -8 if storage == "bfloat16" else 2 ** -11,
+                               atol=0 if storage == "bfloat16" else 2 ** -25)
     scaling = generator.uniform(0.5, 2.0, 300)
     image, column = kernel.fused_pass(xp.asarray(scaling))
     expected_image = 1.0 / (decoded @ scaling)
@@ -137,8 +139,10 @@ def test_half_precision_gpu_storage_agrees_with_float64(xp, storage):
     assert np.mean(to_numpy(result.labels) == reference.labels) >= 0.995
     assert result.column_marginal_error < 0.01
     peaked = noisy_logits(20_000, 100, signal=12.0, seed=8) * 3
-    result = sinkhorn_knopp(xp.asarray(peaked), 25.0, storage=storage, stop_rule="marginal", tolerance=2e-2)
-    assert result.converged and result.stabilisations > 0 and result.column_marginal_error < 2e-2
+    # Peaked rows put (almost) a whole row in one column, so the marginal error plateaus at multiples of 1/200
+    # (one row of a 200-row column): a tolerance on a plateau (2e-2) is met, or not, by rounding alone.
+    result = sinkhorn_knopp(xp.asarray(peaked), 25.0, storage=storage, stop_rule="marginal", tolerance=2.25e-2)
+    assert result.converged and result.stabilisations > 0 and result.column_marginal_error < 2.25e-2
 
 
 def test_half_precision_storage_is_refused_on_cpu():

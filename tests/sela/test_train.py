@@ -113,3 +113,30 @@ def test_relabel_from_last_epoch_reuses_the_epoch_outputs(digits, monkeypatch):
     expected = train.solve_head(stored[1], params, None).labels
     # Warm-started and cold solves agree on the argmax labels of the same logits up to the stopping tolerance.
     assert np.mean(checkpoint.labels[1] == expected) > 0.99
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (and CuPy for the relabel)")
+def test_gpu_epoch_relabel_and_export(digits, tmp_path):
+    """The GPU path end to end: augmentation on the device, bfloat16 autocast, epoch logits kept on the device,
+    relabel through CuPy (DLPack, no copy), export and a checkpoint that loads on the CPU."""
+    images, _ = digits
+    device = torch.device("cuda")
+    params = load_params(PROJECT_ROOT / "params.yaml", {
+        "train.width": 16, "train.image_size": 16, "train.num_heads": 2, "train.overclustering.num_heads": 1,
+        "train.overclustering.num_clusters": 40, "train.relabel_from": "last_epoch"})
+    checkpoint = train.new_checkpoint(params.train, len(images))
+    on_device = images.to(device)
+    assert train.relabel(checkpoint, on_device, params.train, device)["source"] == "fresh_pass"
+    losses = []
+    for _ in range(3):
+        losses.append(train.train_epoch(checkpoint, on_device, params.train, device)["loss"])
+        summary = train.relabel(checkpoint, on_device, params.train, device)
+    assert np.isfinite(losses).all() and summary["source"] == "last_epoch"
+    assert all(stored.is_cuda for stored in checkpoint.epoch_logits)
+    for head, size in zip(summary["heads"], params.train.head_sizes, strict=True):
+        assert head["converged"] and head["column_marginal_error"] < 1e-3 and head["max_size"] <= 3 * 1797 / size
+    final = export.final_labels(checkpoint.model, on_device, params, device)
+    assert final.labels.shape == (2, 1797) and final.labels.max() == 9
+    train.save_checkpoint(checkpoint, tmp_path / "gpu.pt")
+    loaded = train.load_checkpoint(tmp_path / "gpu.pt", params.train, torch.device("cpu"))
+    assert not loaded.epoch_logits[0].is_cuda and np.array_equal(loaded.labels, checkpoint.labels)
