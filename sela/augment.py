@@ -4,6 +4,7 @@ RandomResizedCrop, ColorJitter(b, c, s, h), RandomGrayscale(0.2), horizontal fli
 each drawn independently per image. Batched so that a 2-core machine is not bound by per-image Python work.
 """
 
+import functools
 import math
 
 import torch
@@ -14,6 +15,36 @@ from sela.config import AugmentParams
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _LUMA = (0.299, 0.587, 0.114)
+_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_FROM_YIQ = torch.linalg.inv(_TO_YIQ)
+
+
+@functools.cache
+def _constant(name: str, device: torch.device) -> torch.Tensor:
+    """A fixed tensor on ``device``, made once: a fresh host-to-GPU copy every batch would stall the GPU queue."""
+    values = {"mean": torch.tensor(IMAGENET_MEAN)[None, :, None, None],
+              "std": torch.tensor(IMAGENET_STD)[None, :, None, None],
+              "luma": torch.tensor(_LUMA)[None, :, None, None], "to_yiq": _TO_YIQ, "from_yiq": _FROM_YIQ}[name]
+    return values.to(device)
+
+
+class _Uniforms:
+    """A batch's random numbers, drawn at once on the generator's device (the CPU) and moved in one copy.
+
+    The same seed gives the same augmentations on any device, and a GPU gets one asynchronous transfer per batch
+    instead of one blocking copy per parameter. ``take`` hands out (count,) rows in order, scaled to [low, high).
+    """
+
+    def __init__(self, rows: int, count: int, generator: torch.Generator, device: torch.device) -> None:
+        values = torch.rand(rows * count, generator=generator).view(rows, count)
+        if device.type == "cuda":
+            values = values.pin_memory().to(device, non_blocking=True)
+        self.values, self.taken = values, 0
+
+    def take(self, low: float, high: float) -> torch.Tensor:
+        row = self.values[self.taken]
+        self.taken += 1
+        return row * (high - low) + low
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
@@ -23,62 +54,49 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
 
 def normalise(images: torch.Tensor) -> torch.Tensor:
     """ImageNet mean/std normalisation of (B, 3, H, W) in [0, 1]."""
-    mean = images.new_tensor(IMAGENET_MEAN)[None, :, None, None]
-    std = images.new_tensor(IMAGENET_STD)[None, :, None, None]
-    return (images - mean) / std
-
-
-def _uniform(count: int, low: float, high: float, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    # Drawn on the generator's device (CPU), then moved: the same seed gives the same augmentations on any device.
-    return (torch.rand(count, generator=generator) * (high - low) + low).to(device)
+    return (images - _constant("mean", images.device)) / _constant("std", images.device)
 
 
 def random_resized_crop(
-    images: torch.Tensor, size: int, scale: tuple[float, float], generator: torch.Generator
+    images: torch.Tensor, size: int, scale: tuple[float, float], uniforms: _Uniforms
 ) -> torch.Tensor:
     """Crop a random area fraction in ``scale`` with aspect ratio in [3/4, 4/3], resize to ``size``. (B,3,H,W)."""
-    count, device = images.shape[0], images.device
-    area = _uniform(count, scale[0], scale[1], generator, device)
-    log_ratio = _uniform(count, math.log(3 / 4), math.log(4 / 3), generator, device)
+    count = images.shape[0]
+    area = uniforms.take(scale[0], scale[1])
+    log_ratio = uniforms.take(math.log(3 / 4), math.log(4 / 3))
     # Keep the crop inside the image (torchvision resamples until it fits; clamping the ratio is the batched way).
     ratio = torch.minimum(torch.maximum(torch.exp(log_ratio), area), 1 / area)
     width = torch.sqrt(area * ratio).clamp(max=1.0)
     height = torch.sqrt(area / ratio).clamp(max=1.0)
     # affine_grid works in [-1, 1] coordinates: the crop centre may move by (1 - extent).
-    shift_x = (1 - width) * _uniform(count, -1, 1, generator, device)
-    shift_y = (1 - height) * _uniform(count, -1, 1, generator, device)
-    theta = torch.zeros(count, 2, 3, device=device)
-    theta[:, 0, 0], theta[:, 1, 1] = width, height
-    theta[:, 0, 2], theta[:, 1, 2] = shift_x, shift_y
+    shift_x = (1 - width) * uniforms.take(-1, 1)
+    shift_y = (1 - height) * uniforms.take(-1, 1)
+    zero = torch.zeros_like(width)
+    theta = torch.stack([width, zero, shift_x, zero, height, shift_y], dim=1).view(count, 2, 3)
     grid = functional.affine_grid(theta, [count, 3, size, size], align_corners=False)
     return functional.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
 def _grayscale(images: torch.Tensor) -> torch.Tensor:
-    luma = images.new_tensor(_LUMA)[None, :, None, None]
-    return (images * luma).sum(dim=1, keepdim=True).expand_as(images)
+    return (images * _constant("luma", images.device)).sum(dim=1, keepdim=True).expand_as(images)
 
 
 def _rotate_hue(images: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
     """Hue shift as a rotation in YIQ space (cheap and batched); ``angle`` (B,) radians."""
-    to_yiq = images.new_tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
-    from_yiq = torch.linalg.inv(to_yiq)
     cos, sin = torch.cos(angle), torch.sin(angle)
-    rotation = torch.zeros(images.shape[0], 3, 3, device=images.device)
-    rotation[:, 0, 0] = 1
-    rotation[:, 1, 1], rotation[:, 1, 2], rotation[:, 2, 1], rotation[:, 2, 2] = cos, -sin, sin, cos
-    transform = from_yiq @ rotation @ to_yiq
+    one, zero = torch.ones_like(angle), torch.zeros_like(angle)
+    rotation = torch.stack([one, zero, zero, zero, cos, -sin, zero, sin, cos], dim=1).view(-1, 3, 3)
+    transform = _constant("from_yiq", images.device) @ rotation @ _constant("to_yiq", images.device)
     return torch.einsum("bij,bjhw->bihw", transform, images)
 
 
-def color_jitter(images: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
+def color_jitter(images: torch.Tensor, strength: float, uniforms: _Uniforms) -> torch.Tensor:
     """Brightness, contrast, saturation in [1-s, 1+s] and hue in [-s/2, s/2] turns... capped at 0.5 (B,3,H,W)."""
     if strength == 0:
         return images
-    count, device = images.shape[0], images.device
 
     def factor() -> torch.Tensor:
-        return _uniform(count, 1 - strength, 1 + strength, generator, device)[:, None, None, None]
+        return uniforms.take(1 - strength, 1 + strength)[:, None, None, None]
 
     images = images * factor()
     mean = _grayscale(images).mean(dim=(1, 2, 3), keepdim=True)
@@ -86,21 +104,22 @@ def color_jitter(images: torch.Tensor, strength: float, generator: torch.Generat
     gray = _grayscale(images)
     images = (images - gray) * factor() + gray
     hue = min(strength, 0.5)
-    images = _rotate_hue(images, _uniform(count, -hue, hue, generator, device) * 2 * math.pi)
+    images = _rotate_hue(images, uniforms.take(-hue, hue) * 2 * math.pi)
     return images.clamp(0, 1)
 
 
 def augment(
     images: torch.Tensor, params: AugmentParams, size: int, generator: torch.Generator
 ) -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> augmented, normalised float (B, 3, size, size)."""
+    """uint8 (B, H, W, 3) on any device -> augmented, normalised float (B, 3, size, size) on the same device."""
     batch = to_float(images)
-    batch = random_resized_crop(batch, size, (params.crop_scale_min, params.crop_scale_max), generator)
-    batch = color_jitter(batch, params.color_jitter, generator)
-    count, device = batch.shape[0], batch.device
-    gray = _uniform(count, 0, 1, generator, device) < params.grayscale_probability
+    # Four numbers per image for the crop, four for the jitter (when on), one each for grayscale and flip.
+    uniforms = _Uniforms(4 + 4 * (params.color_jitter > 0) + 2, batch.shape[0], generator, batch.device)
+    batch = random_resized_crop(batch, size, (params.crop_scale_min, params.crop_scale_max), uniforms)
+    batch = color_jitter(batch, params.color_jitter, uniforms)
+    gray = uniforms.take(0, 1) < params.grayscale_probability
     batch = torch.where(gray[:, None, None, None], _grayscale(batch), batch)
-    flip = _uniform(count, 0, 1, generator, device) < params.flip_probability
+    flip = uniforms.take(0, 1) < params.flip_probability
     batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
     return normalise(batch)
 

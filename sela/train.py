@@ -114,7 +114,8 @@ def train_epoch(
     for group in checkpoint.optimizer.param_groups:
         group["lr"] = rate
     targets = torch.from_numpy(checkpoint.labels).to(device)
-    order = torch.randperm(images.shape[0], generator=generator)
+    # The shuffle is drawn on the CPU (same order on any device), then moved once to where the images are.
+    order = torch.randperm(images.shape[0], generator=generator).to(images.device)
     keep_logits = params.relabel_from == "last_epoch"
     epoch_logits = [torch.zeros(images.shape[0], size, device=device) for size in params.head_sizes] if keep_logits \
         else None
@@ -125,9 +126,8 @@ def train_epoch(
         index = order[start : start + params.batch_size]
         if len(index) < 2:  # BatchNorm needs two samples; the remainder joins the next epoch's shuffle
             continue
-        batch = _layout(augment(images[index.to(images.device)].to(device), params.augment, params.image_size,
-                                generator), device)
-        device_index = index.to(device)
+        batch = _layout(augment(images[index].to(device), params.augment, params.image_size, generator), device)
+        device_index = index.to(device)  # a no-op when the images already live on the device
         batch_targets = targets[:, device_index]
         with _autocast(device):
             outputs = [head_logits.float() for head_logits in model(batch)]
