@@ -101,9 +101,12 @@ def self_label(params: Params, images: torch.Tensor, budget_seconds: float, trut
     epoch, durations = 0, []
     while epoch < settings.epochs:
         epoch_start = time.perf_counter()
-        relabelled = epoch in schedule
-        if relabelled:
-            train.relabel(checkpoint, images, settings, device)
+        relabel_note = " " * 22
+        if epoch in schedule:
+            relabel_start = time.perf_counter()
+            heads = train.relabel(checkpoint, images, settings, device)["heads"]
+            iterations = np.mean([head["iterations"] for head in heads])
+            relabel_note = f"relabel {time.perf_counter() - relabel_start:4.1f}s {iterations:5.0f} it"
         summary = train.train_epoch(checkpoint, images, settings, device)
         seconds = time.perf_counter() - epoch_start
         durations.append(seconds)
@@ -118,7 +121,7 @@ def self_label(params: Params, images: torch.Tensor, budget_seconds: float, trut
             schedule = set(train.relabel_epochs(fitted, settings.num_relabels, settings.relabel_power))
         quality = label_quality(checkpoint.labels[0], truth)["acc"]
         log(f"epoch {epoch + 1:>3}/{settings.epochs} {seconds:6.1f}s  loss {summary['loss']:.3f}  "
-            f"lr {summary['lr']:.4f}  {'relabel ' if relabelled else '        '} head-0 label ACC {quality:.3f}")
+            f"lr {summary['lr']:.4f}  {relabel_note}  head-0 label ACC {quality:.3f}")
         epoch += 1
         if epoch < settings.epochs and elapsed + seconds > budget_seconds:
             log(f"stopping after {epoch} epochs: the next one would exceed the budget")
