@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as functional
 
 from sela.augment import augment, center
-from sela.config import TrainParams
+from sela.config import SinkhornParams, TrainParams
 from sela.models import MultiHeadNet, build_model
 from sela.sinkhorn import SinkhornResult, sinkhorn_knopp
 
@@ -219,7 +219,8 @@ def solve_head(logits: torch.Tensor, params: TrainParams, warm_start: np.ndarray
     return _solve(logits.detach().cpu().numpy(), settings, warm_start)
 
 
-def _solve(array: Any, settings: Any, warm: Any) -> SinkhornResult:
+def _solve(array: Any, settings: SinkhornParams, warm: Any) -> SinkhornResult:
+    """``sinkhorn_knopp`` with the configured settings, on whichever array namespace ``array`` belongs to."""
     return sinkhorn_knopp(
         array,
         settings.sharpness,
