@@ -5,7 +5,9 @@ import hashlib
 import io
 from pathlib import Path
 
+import numpy as np
 import pytest
+import simplejpeg
 from PIL import Image
 
 import sela.images
@@ -72,3 +74,28 @@ def test_decompression_bombs_are_quarantined(monkeypatch: pytest.MonkeyPatch) ->
     result = inspect_image(buffer.getvalue(), LIMITS)
 
     assert result.reason is not None and result.reason.startswith("too many pixels")
+
+
+def test_the_scaled_jpeg_check_rejects_what_a_full_size_decode_rejects() -> None:
+    # libjpeg finds damage only while entropy-decoding, which it does in full at any scale: damaged copies of a
+    # progressive and a baseline JPEG get the same verdict and message from the 1/8-scale check as at full size.
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, size=(48, 64, 3), dtype=np.uint8)
+    checked = 0
+    for options in ({"progressive": True}, {"subsampling": 2}):
+        original = io.BytesIO()
+        Image.fromarray(pixels).save(original, "JPEG", **options)
+        for _ in range(60):
+            damaged = bytearray(original.getvalue())
+            position = int(rng.integers(len(damaged) // 4, len(damaged)))
+            damaged[position] ^= 1 << int(rng.integers(8))
+            data = bytes(damaged[: int(rng.integers(position, len(damaged) + 1))])
+            try:
+                simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
+                expected = None
+            except ValueError as error:
+                expected = f"corrupt image: {error}"
+            reason = inspect_image(data, LIMITS).reason
+            checked += reason is not None and reason.startswith("corrupt image")
+            assert reason == expected or (expected is None and not reason.startswith("corrupt")), (options, reason)
+    assert checked > 30  # most copies are damaged: the comparison covered rejections, not only clean files
