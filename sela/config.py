@@ -103,6 +103,9 @@ class TrainParams(Section):
         description="fresh_pass: a forward pass over every image at relabel time (the paper); last_epoch: the "
         "outputs the previous training epoch computed on its augmented images anyway (no extra pass: on a CPU a "
         "pass costs a third of an epoch, so relabels can be as frequent as epochs)")
+    relabel_heads: Literal["all", "one_in_turn"] = Field(
+        description="all: every relabel solves every head; one_in_turn: the first relabel solves every head, each "
+        "later one a single head in turn (the paper's CIFAR code: a relabel costs one solve, not one per head)")
     relabel_views: PositiveInt = Field(
         le=64, description="augmented views whose logits are averaged in each relabel pass (1 if not augmented)"
     )

@@ -235,25 +235,35 @@ def _solve(array: Any, settings: SinkhornParams, warm: Any) -> SinkhornResult:
 def relabel(
     checkpoint: Checkpoint, images: torch.Tensor, params: TrainParams, device: torch.device
 ) -> dict[str, Any]:
-    """Re-derive every head's labels (warm-started Sinkhorn) from the current network, or from the last epoch's
-    outputs with ``relabel_from: last_epoch`` (the first relabel, before any epoch, makes a pass). Returns
-    diagnostics."""
+    """Re-derive the labels of every head, or of the next one in turn (``heads_to_relabel``), by warm-started
+    Sinkhorn, from the current network or from the last epoch's outputs with ``relabel_from: last_epoch`` (the
+    first relabel, before any epoch, makes a pass). Returns diagnostics, one entry per head solved."""
     if params.relabel_from == "last_epoch" and checkpoint.epoch_logits is not None:
         logits, source = checkpoint.epoch_logits, "last_epoch"
     else:
         logits, source = relabel_logits(checkpoint, images, params, device), "fresh_pass"
     per_head = []
-    for head, head_logits in enumerate(logits):
-        result = solve_head(head_logits.to(device), params, checkpoint.cluster_potentials[head])
+    for head in heads_to_relabel(checkpoint, params):
+        result = solve_head(logits[head].to(device), params, checkpoint.cluster_potentials[head])
         changed = float(np.mean(result.labels != checkpoint.labels[head]))
         checkpoint.labels[head] = result.labels
         checkpoint.cluster_potentials[head] = result.log_cluster_potential
         sizes = np.bincount(result.labels, minlength=params.head_sizes[head])
-        per_head.append({**result.diagnostics(), "changed": changed, "min_size": int(sizes.min()),
+        per_head.append({"head": head, **result.diagnostics(), "changed": changed, "min_size": int(sizes.min()),
                          "max_size": int(sizes.max())})
     summary = {"epoch": checkpoint.epoch, "source": source, "heads": per_head}
     checkpoint.history.append({"kind": "relabel", **summary})
     return summary
+
+
+def heads_to_relabel(checkpoint: Checkpoint, params: TrainParams) -> list[int]:
+    """Every head; with ``relabel_heads: one_in_turn``, every head at the first relabel (they start from random
+    labels), then one head per relabel in turn: 0, 1, 2, ..."""
+    count = len(params.head_sizes)
+    done = sum(entry["kind"] == "relabel" for entry in checkpoint.history)
+    if params.relabel_heads == "all" or done == 0:
+        return list(range(count))
+    return [(done - 1) % count]
 
 
 def relabel_logits(

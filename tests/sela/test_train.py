@@ -140,3 +140,21 @@ def test_gpu_epoch_relabel_and_export(digits, tmp_path):
     train.save_checkpoint(checkpoint, tmp_path / "gpu.pt")
     loaded = train.load_checkpoint(tmp_path / "gpu.pt", params.train, torch.device("cpu"))
     assert not loaded.epoch_logits[0].is_cuda and np.array_equal(loaded.labels, checkpoint.labels)
+
+
+def test_one_head_in_turn_after_a_first_relabel_of_every_head(digits):
+    images, _ = digits
+    params = small_params(**{"train.num_heads": 3, "train.relabel_heads": "one_in_turn",
+                             "train.relabel_from": "last_epoch"})
+    checkpoint = train.new_checkpoint(params, len(images))
+    first = train.relabel(checkpoint, images, params, torch.device("cpu"))["heads"]
+    assert [head["head"] for head in first] == [0, 1, 2]
+    solved = []
+    for _ in range(4):
+        train.train_epoch(checkpoint, images, params, torch.device("cpu"))
+        before = checkpoint.labels.copy()
+        heads = train.relabel(checkpoint, images, params, torch.device("cpu"))["heads"]
+        solved.append(heads[0]["head"])
+        untouched = [head for head in range(3) if head != heads[0]["head"]]
+        assert len(heads) == 1 and np.array_equal(checkpoint.labels[untouched], before[untouched])
+    assert solved == [0, 1, 2, 0]
