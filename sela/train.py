@@ -116,9 +116,9 @@ def train_epoch(
     targets = torch.from_numpy(checkpoint.labels).to(device)
     # The shuffle is drawn on the CPU (same order on any device), then moved once to where the images are.
     order = torch.randperm(images.shape[0], generator=generator).to(images.device)
-    keep_logits = params.relabel_from == "last_epoch"
-    epoch_logits = [torch.zeros(images.shape[0], size, device=device) for size in params.head_sizes] if keep_logits \
-        else None
+    epoch_logits = None
+    if params.relabel_from == "last_epoch":
+        epoch_logits = [torch.zeros(images.shape[0], size, device=device) for size in params.head_sizes]
     total_loss = torch.zeros((), dtype=torch.float64, device=device)
     total_correct = torch.zeros((), dtype=torch.float64, device=device)
     seen = 0
