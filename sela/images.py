@@ -1,12 +1,12 @@
 """Validate one encoded image and turn it into the bytes a shard stores: the ingest worker's whole job.
 
-``inspect_image`` decodes every input as a check (JPEGs through libjpeg-turbo in strict mode: all their entropy-
-coded data, the pixels rebuilt at 1/8 scale, see ``_JPEG_CHECK_SCALE``; everything else and every conversion through
-Pillow, full size), then either keeps the original bytes (an RGB JPEG/PNG, upright, within the size limit: no re-
-encode, so ingest runs near disk speed) or re-encodes deterministically (PNG for lossless sources, JPEG quality 95
-for JPEG sources) after converting the mode to RGB, applying the EXIF orientation and shrinking the long side. A
-file that cannot become an image gets a reason instead. This module imports only Pillow, simplejpeg, numpy and the
-tar member builder: workers start fast.
+``inspect_image`` decodes every input as a check (JPEGs through libjpeg-turbo in strict mode: all their
+entropy-coded data, the pixels rebuilt at 1/8 scale, see ``_JPEG_CHECK_SCALE``; everything else and every conversion
+through Pillow, full size), then either keeps the original bytes (an RGB JPEG/PNG, upright, within the size limit:
+no re-encode, so ingest runs near disk speed) or re-encodes deterministically (PNG for lossless sources, JPEG
+quality 95 for JPEG sources) after converting the mode to RGB, applying the EXIF orientation and shrinking the long
+side. A file that cannot become an image gets a reason instead. This module imports only Pillow, simplejpeg, numpy
+and the tar member builder: workers start fast.
 """
 
 import gc
