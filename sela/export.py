@@ -11,7 +11,7 @@ from sela.align import alignment
 from sela.config import Params
 from sela.metrics import cluster_sizes, label_quality
 from sela.models import MultiHeadNet
-from sela.train import compute_logits, solve_head
+from sela.train import compute_logits, solve_heads
 
 
 @dataclass
@@ -37,7 +37,7 @@ def final_labels(model: MultiHeadNet, images: torch.Tensor, params: Params, devi
     """
     # The label set's heads come first; over-clustering heads only served training.
     logits = compute_logits(model, images, params.train, device, augmented=False)[: params.train.num_heads]
-    results = [solve_head(head_logits, params.train, None) for head_logits in logits]
+    results = solve_heads(logits, params.train, [None] * len(logits))
     objective = [
         float(functional.cross_entropy(head_logits.cpu(), torch.from_numpy(result.labels)))
         for head_logits, result in zip(logits, results, strict=True)

@@ -13,9 +13,10 @@ u^T E together (``sela.sinkhorn_kernels``), then v = (N / K) / column sums: the 
 When u or v leaves [1/tau, tau] or stops being finite, they are folded into f, g and the iteration is taken
 exactly in the log domain from the logits, which also rebuilds E.
 
-Rows may be sharded over processes: every N-vector stays local and one all-reduce of a (K + 2)-vector per
-iteration (column sums, out-of-range count, stopping-rule partial sum) keeps all ranks on the same iterates, so
-every rank takes the same stop and stabilisation decisions; labels are returned for the local rows.
+Rows may be sharded over processes: every N-vector stays local and one all-reduce per iteration (the column
+sums; with the out-of-range count and the stopping-rule partial sum where the iteration checks them) keeps all
+ranks on the same iterates, so every rank takes the same stop and stabilisation decisions; labels are returned
+for the local rows.
 
 One code path serves numpy and CuPy through the array namespace of the input. Paper symbols are mapped once
 here: r (cluster scaling) -> v, c (image scaling) -> u, lambda -> sharpness.
@@ -32,6 +33,7 @@ from sela.sinkhorn_kernels import STORAGE_BYTES, StoredKernel, make_kernel
 
 StopRule = Literal["official", "marginal"]
 Storage = Literal["float64", "float32", "bfloat16", "float16"]
+RangeChecks = Literal["every_iteration", "at_checks"]
 # Scalings u, v may drift to [1/tau, tau] before they are folded into the potentials. E's entries lie in [0, 1]
 # and an entry flushed to 0 (below 1.2e-38) could matter only once scaled by tau^2: 1e15 keeps that below 1e-8 of a
 # row for the float32-range types and spares the rebuilds (two exp passes each) that an imbalanced cold start needs
@@ -67,6 +69,7 @@ class SinkhornResult:
     converged: bool
     error: float
     stabilisations: int
+    rollbacks: int = 0
     column_marginal_error: float = field(default=float("nan"))
 
     def diagnostics(self) -> dict[str, float | int | bool]:
@@ -76,6 +79,7 @@ class SinkhornResult:
             "converged": self.converged,
             "error": self.error,
             "stabilisations": self.stabilisations,
+            "rollbacks": self.rollbacks,
             "column_marginal_error": self.column_marginal_error,
         }
 
@@ -311,6 +315,7 @@ def sinkhorn_knopp(
     chunk_rows: int | None = None,
     communicator: Communicator | None = None,
     memory_available: int | None = None,
+    range_checks: RangeChecks | None = None,
 ) -> SinkhornResult:
     """Equipartitioned optimal transport of P^lambda, P = softmax(logits). (N, K) logits -> labels (N,).
 
@@ -324,7 +329,14 @@ def sinkhorn_knopp(
     ``log_cluster_potential`` (K,), which cuts iterations between relabels. ``communicator``: reductions over
     processes holding the other rows (``TorchDistributed``); ``logits`` are then this process's rows.
     ``memory_available``: bytes free for the solve (measured on the device when None); too little raises
-    ``SinkhornMemoryError`` before anything large is allocated.
+    ``SinkhornMemoryError`` before anything large is allocated. ``range_checks``: when the scalings are checked
+    against [1 / ``stability_bound``, ``stability_bound``] (default: ``every_iteration`` with numpy, ``at_checks``
+    with CuPy). ``at_checks`` runs the iterations between stopping-rule checks without waiting for the device (on
+    a GPU, small matrices are bound by those waits and by kernel launches, not by reading E); when a check finds
+    the scalings out of range, the solver goes back to the last checked iterate and redoes the stretch checking
+    every iteration (``rollbacks`` counts the redone stretches). Both settings then give the same iterates, unless
+    the scalings leave the range and come back within one stretch: ``at_checks`` keeps such a stretch (E is
+    unchanged, every iterate finite).
     """
     xp = array_namespace(logits)
     communicator = communicator or SingleProcess()
@@ -348,27 +360,47 @@ def sinkhorn_knopp(
     f, column = _row_normalised_build(scores, kernel, g, flush)
     column = communicator.all_reduce_sum(column)
     u, v = xp.ones(local_rows, xp.float64), xp.ones(num_clusters, xp.float64)
-    error, stabilisations, converged, iteration = float("inf"), 0, False, 0
+    error, stabilisations, rollbacks, converged, iteration = float("inf"), 0, 0, False, 0
+    checks_every_iteration = (range_checks or ("every_iteration" if xp is np else "at_checks")) == "every_iteration"
+    careful = checks_every_iteration
+    verified = (iteration, u, v, column)  # the last iterate whose scalings were seen in range
     while iteration < max_iterations:
         iteration += 1
         checking = iteration % check_every == 1 % check_every  # iterations 1, 11, 21, ...: the paper's schedule
         official_check = checking and stop_rule == "official"
         v_next = target / column
-        accepted = bool(_out_of_range(xp, v_next, stability_bound) == 0)  # v is identical on every rank
-        if accepted:
+        # A careful iteration tests v before the pass (v is identical on every rank): a pass over an out-of-range
+        # v would only be thrown away.
+        accepted = not careful or bool(_out_of_range(xp, v_next, stability_bound) == 0)
+        if accepted and (careful or checking):
             u_next, local_column = kernel.fused_pass(v_next)
             partial = xp.sum(xp.abs(u / u_next - 1.0)) if official_check else xp.zeros(())
-            extras = xp.stack([_out_of_range(xp, u_next, stability_bound).astype(xp.float64), partial])
-            reduced = communicator.all_reduce_sum(xp.concatenate([local_column, extras]))
-            accepted = bool(reduced[num_clusters] == 0)
+            # Counting v's entries on every rank only scales a count that is tested against 0.
+            count = _out_of_range(xp, u_next, stability_bound) + _out_of_range(xp, v_next, stability_bound)
+            reduced = communicator.all_reduce_sum(
+                xp.concatenate([local_column, xp.stack([count.astype(xp.float64), partial])]))
+            accepted = bool(reduced[num_clusters] == 0)  # the one wait for the device in a stretch of iterations
+        elif accepted:
+            u_next, local_column = kernel.fused_pass(v_next)
+            reduced = communicator.all_reduce_sum(local_column)  # verified at the next check
         if accepted:
             u, v, column = u_next, v_next, reduced[:num_clusters]
-            official_error = reduced[num_clusters + 1]
+            if careful or checking:
+                verified, official_error = (iteration, u, v, column), reduced[num_clusters + 1]
+            if checking:
+                careful = checks_every_iteration  # a check passed: a careful replay (below) is over
+        elif not careful:
+            # The scalings left the range somewhere since the last verified iterate (E is unchanged since then):
+            # go back to it and redo the stretch checking every iteration, which stabilises where it must.
+            (iteration, u, v, column), careful = verified, True
+            rollbacks += 1
+            continue
         else:
             log_image_before = f + xp.log(u)
             f, g, column = _log_domain_step(scores, kernel, log_image_before, log_target, communicator, flush)
             u, v = xp.ones_like(u), xp.ones_like(v)
             stabilisations += 1
+            verified, careful = (iteration, u, v, column), checks_every_iteration
             if official_check:
                 official_error = communicator.all_reduce_sum(xp.sum(xp.abs(xp.exp(log_image_before - f) - 1.0))[None])
         if not checking:
@@ -393,6 +425,7 @@ def sinkhorn_knopp(
         converged=converged,
         error=error,
         stabilisations=stabilisations,
+        rollbacks=rollbacks,
         column_marginal_error=float(xp.max(xp.abs(plan_column / target - 1.0))),
     )
 

@@ -194,29 +194,33 @@ def compute_logits(
     return [torch.cat(head_outputs) for head_outputs in outputs]
 
 
-def solve_head(logits: torch.Tensor, params: TrainParams, warm_start: np.ndarray | None) -> SinkhornResult:
-    """Sinkhorn on one head's logits (N, K): with CuPy on the logits' GPU (zero-copy DLPack), numpy on CPU.
+def solve_heads(
+    logits: list[torch.Tensor], params: TrainParams, warm_starts: list[np.ndarray | None]
+) -> list[SinkhornResult]:
+    """Sinkhorn on each head's logits (N, K_h): with CuPy on the logits' GPU (zero-copy DLPack), numpy on CPU.
 
-    The result's arrays are numpy either way.
+    The results' arrays are numpy either way. On a GPU the heads are solved one after the other in one CuPy
+    context, and CuPy's memory pool is given back to torch once, after the last head.
     """
-    settings = params.sinkhorn
-    if logits.is_cuda:
-        import cupy  # a CUDA device without CuPy is a broken install: fail loudly, never fall back silently
+    if not logits or not logits[0].is_cuda:
+        return [_solve(head.detach().cpu().numpy(), params.sinkhorn, warm)
+                for head, warm in zip(logits, warm_starts, strict=True)]
+    import cupy  # a CUDA device without CuPy is a broken install: fail loudly, never fall back silently
 
-        torch.cuda.empty_cache()  # blocks torch caches are invisible to CuPy's free-memory check
-        with cupy.cuda.Device(logits.device.index):  # CuPy allocates and launches on its *current* device
-            array = cupy.from_dlpack(logits.detach())
-            warm = None if warm_start is None else cupy.asarray(warm_start)
-            result = _solve(array, settings, warm)
+    torch.cuda.empty_cache()  # blocks torch caches are invisible to CuPy's free-memory check
+    results = []
+    with cupy.cuda.Device(logits[0].device.index):  # CuPy allocates and launches on its *current* device
+        for head, warm in zip(logits, warm_starts, strict=True):
+            result = _solve(cupy.from_dlpack(head.detach()), params.sinkhorn,
+                            None if warm is None else cupy.asarray(warm))
             result.labels, result.confidence, result.log_cluster_potential = (
                 cupy.asnumpy(result.labels),
                 cupy.asnumpy(result.confidence),
                 cupy.asnumpy(result.log_cluster_potential),
             )
-            del array, warm
-            cupy.get_default_memory_pool().free_all_blocks()  # give the stored kernel's memory back to torch
-        return result
-    return _solve(logits.detach().cpu().numpy(), settings, warm_start)
+            results.append(result)
+        cupy.get_default_memory_pool().free_all_blocks()  # give the stored kernels' memory back to torch
+    return results
 
 
 def _solve(array: Any, settings: SinkhornParams, warm: Any) -> SinkhornResult:
@@ -243,8 +247,10 @@ def relabel(
     else:
         logits, source = relabel_logits(checkpoint, images, params, device), "fresh_pass"
     per_head = []
-    for head in heads_to_relabel(checkpoint, params):
-        result = solve_head(logits[head].to(device), params, checkpoint.cluster_potentials[head])
+    heads = heads_to_relabel(checkpoint, params)
+    results = solve_heads([logits[head].to(device) for head in heads], params,
+                          [checkpoint.cluster_potentials[head] for head in heads])
+    for head, result in zip(heads, results, strict=True):
         changed = float(np.mean(result.labels != checkpoint.labels[head]))
         checkpoint.labels[head] = result.labels
         checkpoint.cluster_potentials[head] = result.log_cluster_potential

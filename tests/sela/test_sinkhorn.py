@@ -95,6 +95,21 @@ def test_warm_start_needs_fewer_iterations(xp, stop_rule, tolerance, fraction):
     assert np.mean(to_numpy(warm.labels) == to_numpy(again.labels)) >= 0.999
 
 
+@pytest.mark.parametrize(("stop_rule", "tolerance"), [("marginal", 1e-2), ("official", 0.1)])
+def test_range_checks_at_stopping_checks_redo_the_stretches_that_left_the_range(xp, stop_rule, tolerance):
+    # Peaked logits from a cold start and a small bound: the scalings leave the range dozens of times.
+    logits = xp.asarray(noisy_logits(2000, 20, signal=8.0, seed=5) * 3)
+    settings = {"stop_rule": stop_rule, "tolerance": tolerance, "stability_bound": 1e4}
+    careful = sinkhorn_knopp(logits, 25.0, range_checks="every_iteration", **settings)
+    optimistic = sinkhorn_knopp(logits, 25.0, range_checks="at_checks", **settings)
+    assert careful.converged and careful.stabilisations > 10 and careful.rollbacks == 0
+    assert optimistic.rollbacks == optimistic.stabilisations == careful.stabilisations
+    assert optimistic.iterations == careful.iterations
+    np.testing.assert_array_equal(to_numpy(optimistic.labels), to_numpy(careful.labels))
+    np.testing.assert_allclose(to_numpy(optimistic.log_cluster_potential), to_numpy(careful.log_cluster_potential),
+                               rtol=1e-9, atol=1e-9)
+
+
 def test_rejects_fewer_images_than_clusters():
     with pytest.raises(ValueError, match="N=5 < K=10"):
         sinkhorn_knopp(np.zeros((5, 10), np.float32), 25.0)

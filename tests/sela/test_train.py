@@ -110,7 +110,7 @@ def test_relabel_from_last_epoch_reuses_the_epoch_outputs(digits, monkeypatch):
     monkeypatch.setattr(train, "compute_logits", no_pass)
     summary = train.relabel(checkpoint, images, params, torch.device("cpu"))
     assert summary["source"] == "last_epoch"
-    expected = train.solve_head(stored[1], params, None).labels
+    expected = train.solve_heads([stored[1]], params, [None])[0].labels
     # Warm-started and cold solves agree on the argmax labels of the same logits up to the stopping tolerance.
     assert np.mean(checkpoint.labels[1] == expected) > 0.99
 
