@@ -105,8 +105,9 @@ def train_epoch(
 ) -> dict[str, float]:
     """One pass of SGD over augmented ``images`` uint8 (N, H, W, 3), on the CPU or already on ``device``.
 
-    Returns mean loss, accuracy, lr. On a GPU, augmentation runs there, the forward pass under bfloat16 autocast in
-    channels-last layout, and nothing waits for the GPU before the epoch ends (running sums stay on the device).
+    Returns mean loss, accuracy, lr. The network runs in channels-last layout. On a GPU, augmentation runs there,
+    the forward pass under bfloat16 autocast, and nothing waits for the GPU before the epoch ends (running sums stay
+    on the device).
     """
     generator = torch.Generator(device="cpu").manual_seed(params.seed * 100_003 + checkpoint.epoch)
     model = _to_device(checkpoint.model, device).train()
@@ -126,7 +127,7 @@ def train_epoch(
         index = order[start : start + params.batch_size]
         if len(index) < 2:  # BatchNorm needs two samples; the remainder joins the next epoch's shuffle
             continue
-        batch = _layout(augment(images[index].to(device), params.augment, params.image_size, generator), device)
+        batch = _layout(augment(images[index].to(device), params.augment, params.image_size, generator))
         device_index = index.to(device)  # a no-op when the images already live on the device
         batch_targets = targets[:, device_index]
         with _autocast(device):
@@ -152,13 +153,14 @@ def train_epoch(
 
 
 def _to_device(model: MultiHeadNet, device: torch.device) -> MultiHeadNet:
-    """The model on ``device``; channels-last on a GPU (what its convolution kernels are fastest in)."""
-    model = model.to(device)
-    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+    """The model on ``device`` in channels-last layout: what the convolution kernels are fastest in on a GPU
+    (cuDNN) and on the CPU too (oneDNN; an SGD step of small_cnn at 16 px measured 1.7x faster on 2 cores)."""
+    return model.to(device).to(memory_format=torch.channels_last)
 
 
-def _layout(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return batch.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else batch
+def _layout(batch: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) images in the model's channels-last layout."""
+    return batch.contiguous(memory_format=torch.channels_last)
 
 
 def _autocast(device: torch.device) -> torch.autocast:
@@ -187,7 +189,7 @@ def compute_logits(
         else:
             batch = center(raw, params.image_size)
         with _autocast(device):
-            head_outputs = model(_layout(batch, device))
+            head_outputs = model(_layout(batch))
         for head, logits in enumerate(head_outputs):
             outputs[head].append(logits.float())
     model.train()
