@@ -194,6 +194,10 @@ SHARDED_CASES = {
     # A confident network: stabilisations (log-domain steps with their own reductions) happen on every rank at once.
     "peaked-float64": ({"signal": 12.0, "scale": 3.0}, {"stop_rule": "marginal", "tolerance": 1e-9,
                                                         "max_iterations": 300, "storage": "float64"}, 1e-9),
+    # The same with range tests at the stopping checks only (CuPy's default): every rank rolls back at once.
+    "peaked-at-checks": ({"signal": 12.0, "scale": 3.0}, {"stop_rule": "marginal", "tolerance": 1e-9,
+                                                          "max_iterations": 300, "storage": "float64",
+                                                          "range_checks": "at_checks"}, 1e-9),
 }
 
 
@@ -221,7 +225,7 @@ def sharded_worker(rank: int, world_size: int, directory: str) -> None:
                                     **settings)
             np.savez(Path(directory) / f"{case}-{rank}.npz", labels=result.labels, confidence=result.confidence,
                      potential=result.log_cluster_potential, iterations=result.iterations,
-                     stabilisations=result.stabilisations, error=result.error,
+                     stabilisations=result.stabilisations, rollbacks=result.rollbacks, error=result.error,
                      column_error=result.column_marginal_error, converged=result.converged)
     finally:
         distributed.destroy_process_group()
@@ -238,10 +242,12 @@ def test_two_gloo_processes_give_the_single_process_solution(tmp_path):
             assert bool(shard["converged"]) == single.converged
             assert int(shard["iterations"]) == single.iterations
             assert int(shard["stabilisations"]) == single.stabilisations
+            assert int(shard["rollbacks"]) == single.rollbacks
             np.testing.assert_allclose(shard["potential"], single.log_cluster_potential, rtol=0, atol=tolerance)
             np.testing.assert_allclose(float(shard["error"]), single.error, rtol=1e3 * tolerance)
             np.testing.assert_allclose(float(shard["column_error"]), single.column_marginal_error, rtol=1e3 * tolerance)
         assert single.stabilisations > 0 or not case.startswith("peaked")
+        assert single.rollbacks > 0 or not case.endswith("at-checks")
         np.testing.assert_array_equal(np.concatenate([shard["labels"] for shard in ranks]), single.labels)
         np.testing.assert_allclose(np.concatenate([shard["confidence"] for shard in ranks]), single.confidence,
                                    rtol=1e-5)
