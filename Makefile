@@ -11,16 +11,25 @@ export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 90
 export PREFECT_API_URL := http://127.0.0.1:$(PORT)/api
 
-.PHONY: run test setup browser server serve stop repro lint
+.PHONY: run test setup lock browser server serve stop repro lint
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt pyproject.toml
+# The exact environment from requirements.lock (--no-deps: nothing resolved here, nothing cached: disk is tight).
+$(VENV)/.installed: requirements.lock pyproject.toml
+	@df -h --output=avail,target . | tail -n1 | awk '{print "setup: " $$1 " free on " $$2 " (the environment takes ~5.7 GB)"}'
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -r requirements.txt
+	$(BIN)/pip install --quiet --no-cache-dir --upgrade pip
+	$(BIN)/pip install --quiet --no-cache-dir --no-deps -r requirements.lock
 	$(BIN)/pip install --quiet --no-deps -e .  # the `sela` command (label registry)
 	touch $@
+
+# Re-pin requirements.lock after changing requirements.txt: resolve in a scratch venv, freeze, leave triton out.
+lock:
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install --quiet --no-cache-dir -r requirements.txt
+	{ sed -n '1,3p' requirements.lock; .lock-venv/bin/pip freeze | grep -v -i '^triton=='; } > requirements.lock.new
+	mv requirements.lock.new requirements.lock && rm -rf .lock-venv
 
 server: setup
 	@scripts/prefect-server.sh start $(PORT)
