@@ -8,6 +8,7 @@ n_init = 10), plus the ratio. The ground truth (digit classes) is used only here
 """
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -43,8 +44,10 @@ def self_label(params, images: torch.Tensor) -> np.ndarray:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--overrides", default="{}", help='JSON of params.yaml overrides, e.g. \'{"train.width": 48}\'')
     args = parser.parse_args()
-    base = load_params(ROOT / "params.yaml")
+    overrides = json.loads(args.overrides)
+    base = load_params(ROOT / "params.yaml", overrides)
     with tempfile.TemporaryDirectory() as directory:
         ingest(base.shard, directory, workers=1)
         loaded = read_shards(Path(directory), base.train.image_size)
@@ -56,7 +59,7 @@ def main() -> None:
     print(f"{'k-means pixels':<16}{baseline['nmi']:>8.3f}{baseline['acc']:>8.3f}{baseline['ari']:>8.3f}{'':>9}")
     results = []
     for seed in args.seeds:
-        params = load_params(ROOT / "params.yaml", {"train.seed": seed})
+        params = load_params(ROOT / "params.yaml", {**overrides, "train.seed": seed})
         start = time.perf_counter()
         quality = label_quality(self_label(params, images), truth)
         results.append(quality)

@@ -91,6 +91,9 @@ class TrainParams(Section):
     image_size: PositiveInt
     num_heads: PositiveInt
     num_clusters: PositiveInt = Field(ge=2)
+    hidden_layers: list[PositiveInt] = Field(
+        max_length=4, description="widths of the Linear + BatchNorm + ReLU layers the heads share on top of the "
+        "backbone; the learned features (kNN, probe) are read before them")
     epochs: PositiveInt
     batch_size: PositiveInt
     learning_rate: PositiveFloat

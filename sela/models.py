@@ -78,19 +78,32 @@ class SmallResNet(nn.Module):
 
 
 class MultiHeadNet(nn.Module):
-    """Backbone + heads. forward: (B, 3, H, W) -> one logits tensor (B, head_sizes[h]) per head h."""
+    """Backbone, hidden layers shared by the heads, heads. forward: (B, 3, H, W) -> one logits tensor
+    (B, head_sizes[h]) per head h.
 
-    def __init__(self, backbone: nn.Module, feature_size: int, head_sizes: Sequence[int]) -> None:
+    ``hidden_sizes``: widths of Linear + BatchNorm + ReLU layers between the backbone's features and the heads (the
+    paper's AlexNet has two fully connected layers there); none: heads on the features. The features (kNN, probe)
+    are the backbone's, before these layers, which absorb what is specific to the clustering objective.
+    """
+
+    def __init__(self, backbone: nn.Module, feature_size: int, head_sizes: Sequence[int],
+                 hidden_sizes: Sequence[int] = ()) -> None:
         super().__init__()
         self.backbone = backbone
+        layers: list[nn.Module] = []
+        for size in hidden_sizes:
+            layers += [nn.Linear(feature_size, size, bias=False), nn.BatchNorm1d(size), nn.ReLU(True)]
+            feature_size = size
+        self.hidden = nn.Sequential(*layers)  # empty: the identity, and no entries in the state dict
         self.heads = nn.ModuleList(nn.Linear(feature_size, size) for size in head_sizes)
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        features = self.backbone(images)
-        return [head(features) for head in self.heads]
+        shared = self.hidden(self.backbone(images))
+        return [head(shared) for head in self.heads]
 
 
-def build_model(architecture: str, width: int, head_sizes: Sequence[int]) -> MultiHeadNet:
+def build_model(architecture: str, width: int, head_sizes: Sequence[int],
+                hidden_sizes: Sequence[int] = ()) -> MultiHeadNet:
     """Randomly initialised network for ``architecture`` in {'small_cnn', 'small_resnet', 'resnet18'}."""
     if architecture == "small_cnn":
         backbone: nn.Module = SmallCNN(width)
@@ -100,7 +113,7 @@ def build_model(architecture: str, width: int, head_sizes: Sequence[int]) -> Mul
         backbone = CifarResNet18()
     else:
         raise ValueError(f"unknown architecture {architecture!r}: expected 'small_cnn', 'small_resnet' or 'resnet18'")
-    return MultiHeadNet(backbone, backbone.feature_size, head_sizes)
+    return MultiHeadNet(backbone, backbone.feature_size, head_sizes, hidden_sizes)
 
 
 def to_device(model: MultiHeadNet, device: torch.device) -> MultiHeadNet:

@@ -54,7 +54,7 @@ def random_balanced_labels(num_images: int, head_sizes: list[int], seed: int) ->
 def new_checkpoint(params: TrainParams, num_images: int) -> Checkpoint:
     """Randomly initialised network, SGD optimiser and random balanced labels."""
     torch.manual_seed(params.seed)
-    model = build_model(params.architecture, params.width, params.head_sizes)
+    model = build_model(params.architecture, params.width, params.head_sizes, params.hidden_layers)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=params.learning_rate, momentum=params.momentum, weight_decay=params.weight_decay
     )

@@ -29,7 +29,7 @@ def transfer_params(train: TrainParams, transfer: TransferParams, num_clusters: 
     """The supervised run's settings: the transfer network and optimiser, the pipeline's augmentations and size."""
     return train.model_copy(update={
         "architecture": transfer.architecture, "width": transfer.width, "num_heads": 1, "num_clusters": num_clusters,
-        "overclustering": train.overclustering.model_copy(update={"num_heads": 0}),
+        "hidden_layers": [], "overclustering": train.overclustering.model_copy(update={"num_heads": 0}),
         "epochs": transfer.epochs, "batch_size": transfer.batch_size, "learning_rate": transfer.learning_rate,
         "seed": transfer.seed,
     })

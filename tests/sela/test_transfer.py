@@ -5,7 +5,7 @@ import torch
 
 from sela.config import load_params
 from sela.evaluate import holdout_mask
-from sela.transfer import train_on_labels
+from sela.transfer import train_on_labels, transfer_params
 from tests.conftest import PROJECT_ROOT
 
 
@@ -32,3 +32,12 @@ def test_labels_that_follow_the_images_transfer_and_shuffled_ones_do_not():
     shuffled = np.random.default_rng(1).permutation(labels)
     control = train_on_labels(images, shuffled, heldout, params.train, params.transfer, torch.device("cpu"))
     assert control.heldout_agreement < 0.5  # nothing to learn: near chance (0.25)
+
+
+def test_transfer_network_is_backbone_and_one_linear_head():
+    """Plain supervised learning: the labelling network's shared hidden layers and extra heads are not carried over."""
+    overrides = {"train.hidden_layers": [64], "train.overclustering.num_heads": 3}
+    params = load_params(PROJECT_ROOT / "params.yaml", overrides)
+    settings = transfer_params(params.train, params.transfer, num_clusters=6)
+    assert settings.hidden_layers == [] and settings.head_sizes == [6]
+    assert settings.architecture == params.transfer.architecture != params.train.architecture
