@@ -28,7 +28,7 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 lock:
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
 	.lock-venv/bin/pip install --quiet --no-cache-dir -r requirements.txt
-	{ sed -n '1,3p' requirements.lock; .lock-venv/bin/pip freeze | grep -v -i '^triton=='; } > requirements.lock.new
+	{ grep '^#' requirements.lock; .lock-venv/bin/pip freeze | grep -v -i '^triton=='; } > requirements.lock.new
 	mv requirements.lock.new requirements.lock && rm -rf .lock-venv
 
 server: setup

@@ -25,7 +25,9 @@ def test_hidden_layers_sit_between_backbone_and_heads():
     assert [tuple(o.shape) for o in outputs] == [(3, 7), (3, 12)]
     assert [head.in_features for head in model.heads] == [48, 48]
     # The heads read the hidden layers' output; the features (kNN, probe) stay the backbone's 32-d ones.
-    shared = model.hidden(model.backbone(images))
+    features = model.backbone(images)
+    assert features.shape == (3, 32)
+    shared = model.hidden(features)
     assert shared.shape == (3, 48) and bool((shared >= 0).all())
     torch.testing.assert_close(outputs[1], model.heads[1](shared))
 
