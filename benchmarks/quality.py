@@ -50,8 +50,8 @@ CIFAR_OVERRIDES = {"train.augment.flip_probability": 0.5, "train.batch_size": 12
 # On a GPU (``--device cuda``), on top: the paper's CIFAR recipe as far as minutes allow. ResNet-18 (CIFAR stem)
 # at 32 px in batches of 512, 10 over-clustering heads of 128 beside the 10-way ones, crops down to 20% of the
 # image, a relabel before every epoch, and Sinkhorn stopped when every cluster is within 1% of its share (30-40
-# iterations a head instead of hundreds; 99.7% of the same labels, README). Heads straight on the features, as in
-# the GPU run the README reports: the shared hidden layer (params.yaml) has not run on a GPU yet.
+# iterations a head instead of hundreds; 99.7% of the same labels, README). Heads straight on the features: with
+# params.yaml's shared hidden layer the GPU run scored the same (README: ACC 43.1 against 43.9, kNN 66.7 against 66.1).
 GPU_OVERRIDES = {"train.architecture": "resnet18", "train.image_size": 32, "train.batch_size": 512,
                  "train.learning_rate": 0.1, "train.overclustering.num_heads": 10, "train.num_relabels": 400,
                  "train.augment.crop_scale_min": 0.2, "train.sinkhorn.stop_rule": "marginal",
