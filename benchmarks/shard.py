@@ -116,6 +116,29 @@ def time_stream(output: Path, args: argparse.Namespace) -> tuple[float, int]:
     return time.perf_counter() - start, count
 
 
+def time_pairs(folder: Path, files: int, scratch: Path, args: argparse.Namespace) -> tuple[list[float], list[float]]:
+    """``--repeats`` pairs of tar then ingest, each row printed; (wall-clock ratios, CPU-time ratios) per pair."""
+    ratios, cpu_ratios = [], []
+    for repeat in range(args.repeats):
+        tar_seconds, tar_cpu = time_tar(folder, scratch / f"folder-{repeat}.tar")
+        ingest_seconds, (main_cpu, workers_cpu), count = time_ingest(folder, scratch / f"shards-{repeat}", args)
+        ingest_cpu = main_cpu + workers_cpu
+        for name, images, seconds, cpu in [("tar -cf (baseline)", files, tar_seconds, tar_cpu),
+                                           ("ingest, decode-validated", count, ingest_seconds, ingest_cpu)]:
+            rate, cost = images / seconds, cpu / images * 1e6
+            print(f"{name:<28}{images:>8}{seconds:>9.2f}{rate:>10.0f}{cpu:>8.2f}{cost:>14.1f}")
+        ratios.append((count / ingest_seconds) / (files / tar_seconds))
+        # On an idle machine ingest spreads over the workers while tar uses one core: the CPU-time ratio
+        # bounds what the wall-clock ratio reaches there, whatever else runs now.
+        cores = min(args.workers, len(os.sched_getaffinity(0)))
+        cpu_ratios.append((tar_cpu / files) / (ingest_cpu / count) * cores)
+        main_cost, workers_cost = main_cpu / count * 1e6, workers_cpu / count * 1e6
+        print(f"  pair {repeat + 1}: ingest / tar {ratios[-1]:.2f}x; ingest CPU per image: main process "
+              f"{main_cost:.1f} us, workers {workers_cost:.1f} us")
+        (scratch / f"folder-{repeat}.tar").unlink()
+    return ratios, cpu_ratios
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--archive", type=Path, default=Path("../shared/datasets/cifar10/train.tar.gz"))
@@ -125,6 +148,8 @@ def main() -> None:
     parser.add_argument("--samples-per-shard", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=5, help="tar / ingest pairs, run in turn")
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
     with tempfile.TemporaryDirectory() as directory:
         scratch = Path(directory)
         with tarfile.open(args.archive) as archive:
@@ -132,24 +157,7 @@ def main() -> None:
         folder = folder_root(scratch / "extracted")
         files = sum(1 for path in folder.rglob("*") if path.is_file())
         print(f"{'step':<28}{'images':>8}{'seconds':>9}{'images/s':>10}{'CPU s':>8}{'us CPU/image':>14}")
-        ratios, cpu_ratios = [], []
-        for repeat in range(args.repeats):
-            tar_seconds, tar_cpu = time_tar(folder, scratch / f"folder-{repeat}.tar")
-            ingest_seconds, (main_cpu, workers_cpu), count = time_ingest(folder, scratch / f"shards-{repeat}", args)
-            ingest_cpu = main_cpu + workers_cpu
-            for name, images, seconds, cpu in [("tar -cf (baseline)", files, tar_seconds, tar_cpu),
-                                               ("ingest, decode-validated", count, ingest_seconds, ingest_cpu)]:
-                rate, cost = images / seconds, cpu / images * 1e6
-                print(f"{name:<28}{images:>8}{seconds:>9.2f}{rate:>10.0f}{cpu:>8.2f}{cost:>14.1f}")
-            ratios.append((count / ingest_seconds) / (files / tar_seconds))
-            # On an idle machine ingest spreads over the workers while tar uses one core: the CPU-time ratio
-            # bounds what the wall-clock ratio reaches there, whatever else runs now.
-            cores = min(args.workers, len(os.sched_getaffinity(0)))
-            cpu_ratios.append((tar_cpu / files) / (ingest_cpu / count) * cores)
-            main_cost, workers_cost = main_cpu / count * 1e6, workers_cpu / count * 1e6
-            print(f"  pair {repeat + 1}: ingest / tar {ratios[-1]:.2f}x; ingest CPU per image: main process "
-                  f"{main_cost:.1f} us, workers {workers_cost:.1f} us")
-            (scratch / f"folder-{repeat}.tar").unlink()
+        ratios, cpu_ratios = time_pairs(folder, files, scratch, args)
         folder_seconds, folder_count = time_image_folder(folder, args, stock=True)
         same_seconds, same_count = time_image_folder(folder, args, stock=False)
         stream_seconds, stream_count = time_stream(scratch / "shards-0", args)
