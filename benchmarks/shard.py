@@ -119,6 +119,9 @@ def time_stream(output: Path, args: argparse.Namespace) -> tuple[float, int]:
 def time_pairs(folder: Path, files: int, scratch: Path, args: argparse.Namespace) -> tuple[list[float], list[float]]:
     """``--repeats`` pairs of tar then ingest, each row printed; (wall-clock ratios, CPU-time ratios) per pair."""
     ratios, cpu_ratios = [], []
+    # On an idle machine ingest spreads over the workers while tar uses one core: the CPU-time ratio bounds what
+    # the wall-clock ratio reaches there, whatever else runs now.
+    cores = min(args.workers, len(os.sched_getaffinity(0)))
     for repeat in range(args.repeats):
         tar_seconds, tar_cpu = time_tar(folder, scratch / f"folder-{repeat}.tar")
         ingest_seconds, (main_cpu, workers_cpu), count = time_ingest(folder, scratch / f"shards-{repeat}", args)
@@ -128,9 +131,6 @@ def time_pairs(folder: Path, files: int, scratch: Path, args: argparse.Namespace
             rate, cost = images / seconds, cpu / images * 1e6
             print(f"{name:<28}{images:>8}{seconds:>9.2f}{rate:>10.0f}{cpu:>8.2f}{cost:>14.1f}")
         ratios.append((count / ingest_seconds) / (files / tar_seconds))
-        # On an idle machine ingest spreads over the workers while tar uses one core: the CPU-time ratio
-        # bounds what the wall-clock ratio reaches there, whatever else runs now.
-        cores = min(args.workers, len(os.sched_getaffinity(0)))
         cpu_ratios.append((tar_cpu / files) / (ingest_cpu / count) * cores)
         main_cost, workers_cost = main_cpu / count * 1e6, workers_cpu / count * 1e6
         print(f"  pair {repeat + 1}: ingest / tar {ratios[-1]:.2f}x; ingest CPU per image: main process "
