@@ -13,15 +13,22 @@ export PREFECT_API_URL := http://127.0.0.1:$(PORT)/api
 
 .PHONY: run test setup lock browser server serve stop repro lint
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed $(VENV)/.sela
 
 # The exact environment from requirements.lock (--no-deps: nothing resolved here, nothing cached: disk is tight).
-$(VENV)/.installed: requirements.lock pyproject.toml
+$(VENV)/.installed: requirements.lock
 	@df -h --output=avail,target . | tail -n1 | awk '{print "setup: " $$1 " free on " $$2 " (the environment takes ~5.7 GB)"}'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --no-cache-dir --upgrade pip
 	$(BIN)/pip install --quiet --no-cache-dir --no-deps -r requirements.lock
-	$(BIN)/pip install --quiet --no-deps -e .  # the `sela` command (label registry)
+	touch $@
+
+# sela itself, editable: the `sela` command (label registry) and the JPEG check compiled in place (sela/_jpeg.c;
+# needs gcc and libjpeg's headers, Debian: libjpeg-dev). Its build is optional for registry-only installs, so
+# the import below is what fails setup when it did not build.
+$(VENV)/.sela: $(VENV)/.installed pyproject.toml setup.py sela/_jpeg.c
+	$(BIN)/pip install --quiet --no-deps -e .
+	$(BIN)/python -c "import sela._jpeg" || { echo "setup: sela/_jpeg.c did not build (install gcc and libjpeg-dev)"; exit 1; }
 	touch $@
 
 # Re-pin requirements.lock after changing requirements.txt: resolve in a scratch venv, freeze, leave triton out.

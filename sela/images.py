@@ -1,12 +1,12 @@
 """Validate one encoded image and turn it into the bytes a shard stores: the ingest worker's whole job.
 
-``inspect_image`` decodes every input as a check (JPEGs through libjpeg-turbo in strict mode: all their
-entropy-coded data, the pixels rebuilt at 1/8 scale, see ``_JPEG_CHECK_SCALE``; everything else and every conversion
-through Pillow, full size), then either keeps the original bytes (an RGB JPEG/PNG, upright, within the size limit:
+``inspect_image`` decodes every input as a check (JPEGs through libjpeg in strict mode: all their entropy-coded
+data, the pixels rebuilt at 1/8 scale, see ``sela/_jpeg.c``; everything else and every conversion through Pillow,
+full size), then either keeps the original bytes (an RGB JPEG/PNG, upright, within the size limit:
 no re-encode, so ingest runs near disk speed) or re-encodes deterministically (PNG for lossless sources, JPEG
 quality 95 for JPEG sources) after converting the mode to RGB, applying the EXIF orientation and shrinking the long
-side. A file that cannot become an image gets a reason instead. This module imports only Pillow, simplejpeg, numpy
-and the tar member builder: workers start fast.
+side. A file that cannot become an image gets a reason instead. This module imports only Pillow, numpy, the JPEG
+check and the tar member builder: workers start fast.
 """
 
 import gc
@@ -18,10 +18,17 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
-import simplejpeg
 from PIL import Image, ImageOps
 
 from sela.tarmembers import append_member
+
+try:
+    from sela import _jpeg
+except ImportError as error:  # optional in the package build (a registry-only install needs no compiler)
+    raise ImportError(
+        "sela._jpeg, the ingest's JPEG check, is not built: install a C compiler and libjpeg's headers "
+        "(Debian: apt-get install gcc libjpeg-dev), then reinstall sela (make setup, or pip install -e .)"
+    ) from error
 
 # Formats accepted (Pillow format name -> nothing); anything else Pillow can open (ICO, PSD, PPM, EPS, ...) is
 # quarantined as unsupported: uncommon in photo collections, and some decode through external programs.
@@ -29,7 +36,6 @@ SUPPORTED_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "TIFF", "WEBP")
 # Originals kept byte for byte when nothing needs converting; the shard field is named after the real format.
 _KEPT_AS_IS = {"JPEG": "jpg", "PNG": "png"}
 _EXIF_ORIENTATION = 0x0112
-_EXIF_HEADER = b"Exif\x00\x00"  # the start of an APP1 segment's payload that holds EXIF
 _JPEG_QUALITY = 95
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 _JPEG_SIGNATURE = b"\xff\xd8\xff"
@@ -39,15 +45,6 @@ _READ_CHUNK = 1 << 16
 # Tar members a worker keeps before writing them to its batch's spool file: one write for a batch of small images,
 # bounded memory for a batch of large ones.
 _SPOOL_BUFFER = 1 << 24
-# libjpeg-turbo colourspace (simplejpeg's header) -> the output simplejpeg can decode it to.
-_JPEG_DECODE_AS = {"YCbCr": "RGB", "RGB": "RGB", "Gray": "GRAY", "CMYK": "CMYK", "YCCK": "CMYK"}
-# The validating decode's output size: 1/8 of each side (libjpeg's DCT scaling). libjpeg detects corrupt or
-# truncated data only while reading markers and entropy-decoding, and it entropy-decodes every coefficient of
-# every block at any scale (the AC coefficients it does not need are decoded and discarded: it has to, to find
-# the next block); only the inverse DCT, upsampling and colour conversion, which cannot fail, shrink. So the check
-# rejects exactly what a full-size decode rejects, with the same message, at 0.6x its cost on small images (the
-# pixels are thrown away). Pillow decodes full size where an image is converted.
-_JPEG_CHECK_SCALE = {"min_factor": 8, "min_height": 1, "min_width": 1}
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,40 +94,27 @@ def inspect_image(data: bytes, limits: ImageLimits) -> Inspected:
 
 
 def _inspect_jpeg(data: bytes, sha256: str, limits: ImageLimits) -> Inspected | None:
-    """JPEG fast path: header and a strict full decode by libjpeg-turbo (simplejpeg; pixels at 1/8 scale).
+    """JPEG fast path: header and a strict decode of all the data in one call (``sela._jpeg``: libjpeg, one
+    decompressor reused, pixels rebuilt at 1/8 scale and thrown away).
 
     Every JPEG goes through this check, so a JPEG is judged the same way whether or not it then needs Pillow:
-    strict mode makes libjpeg's corrupt-data warnings errors. Returns None when the image is valid but needs
-    converting (not YCbCr, EXIF present, too large): Pillow then decodes it again to convert it.
+    strict mode makes libjpeg's corrupt-data warnings errors. libjpeg detects corrupt or truncated data only while
+    reading markers and entropy-decoding, which it does for every coefficient at any scale; only the inverse DCT,
+    upsampling and colour conversion, which cannot fail, shrink. So the check rejects what a full-size decode
+    rejects. Returns None when the image is valid but needs converting (not YCbCr, EXIF present, too large):
+    Pillow then decodes it again to convert it.
     """
     try:
-        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+        width, height, colorspace, decoded, exif = _jpeg.check(data, Image.MAX_IMAGE_PIXELS or 0, limits.min_side)
     except ValueError as error:
         return Inspected(sha256, f"corrupt image: {error}")
-    if width * height > (Image.MAX_IMAGE_PIXELS or width * height):
+    if not decoded and width * height > (Image.MAX_IMAGE_PIXELS or width * height):
         return Inspected(sha256, f"too many pixels: {width}x{height} > {Image.MAX_IMAGE_PIXELS}", width, height)
-    if min(width, height) < limits.min_side:
+    if not decoded:
         return Inspected(sha256, f"too small: {width}x{height} (min side {limits.min_side})", width, height)
-    try:
-        output = _JPEG_DECODE_AS.get(colorspace, "RGB")
-        simplejpeg.decode_jpeg(data, colorspace=output, strict=True, **_JPEG_CHECK_SCALE)
-    except ValueError as error:
-        return Inspected(sha256, f"corrupt image: {error}", width, height)
-    if colorspace == "YCbCr" and max(width, height) <= limits.max_side and not _has_exif(data):
+    if colorspace == "YCbCr" and max(width, height) <= limits.max_side and not exif:
         return Inspected(sha256, None, width, height, "jpg", data)
     return None
-
-
-def _has_exif(data: bytes) -> bool:
-    """True if an APP1 'Exif' segment precedes the image data (it may carry an orientation to apply)."""
-    if _EXIF_HEADER not in data:  # one C search rules most files out before the segment walk
-        return False
-    position = 2
-    while position + 4 <= len(data) and data[position] == 0xFF and 0xE0 <= data[position + 1] <= 0xEF:
-        if data[position + 1] == 0xE1 and data[position + 4 : position + 10] == _EXIF_HEADER:
-            return True
-        position += 2 + int.from_bytes(data[position + 2 : position + 4], "big")
-    return False
 
 
 def _decoded(data: bytes, sha256: str, limits: ImageLimits) -> Inspected:

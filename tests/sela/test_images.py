@@ -78,7 +78,9 @@ def test_decompression_bombs_are_quarantined(monkeypatch: pytest.MonkeyPatch) ->
 
 def test_the_scaled_jpeg_check_rejects_what_a_full_size_decode_rejects() -> None:
     # libjpeg finds damage only while entropy-decoding, which it does in full at any scale: damaged copies of a
-    # progressive and a baseline JPEG get the same verdict and message from the 1/8-scale check as at full size.
+    # progressive and a baseline JPEG get the same verdict from the 1/8-scale check (sela._jpeg, the system's
+    # libjpeg) as from a strict full-size decode by another build (simplejpeg's libjpeg-turbo). The messages can
+    # differ where the two builds notice the damage at different places.
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, size=(48, 64, 3), dtype=np.uint8)
     checked = 0
@@ -92,10 +94,11 @@ def test_the_scaled_jpeg_check_rejects_what_a_full_size_decode_rejects() -> None
             data = bytes(damaged[: int(rng.integers(position, len(damaged) + 1))])
             try:
                 simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
-                expected = None
-            except ValueError as error:
-                expected = f"corrupt image: {error}"
+                rejected = False
+            except ValueError:
+                rejected = True
             reason = inspect_image(data, LIMITS).reason
-            checked += reason is not None and reason.startswith("corrupt image")
-            assert reason == expected or (expected is None and not reason.startswith("corrupt")), (options, reason)
+            assert (reason is not None and reason.startswith("corrupt image: ")) == rejected, (options, reason)
+            assert rejected or reason is None
+            checked += rejected
     assert checked > 30  # most copies are damaged: the comparison covered rejections, not only clean files
