@@ -7,7 +7,10 @@
    decode-validation on ``--workers`` processes, ``--repeats`` times in turn (each ingest into a new folder);
    prints images/s of each, ingest/tar of each pair and their median (goal >= 0.5), and the ingest's CPU time per
    image in the main process (listing, routing, shard writes) and in the decode workers.
-3. Read: the shards streamed into training batches (``sela.stream.ShardStream``) against torchvision's
+3. The JPEG check alone, on the folder's first 10,000 JPEGs in memory: ``sela._jpeg.check`` (one reused libjpeg
+   decompressor: header, EXIF and strict 1/8-scale decode in one call) against the two ``simplejpeg`` calls the
+   ingest made before it (header, then a strict decode at 1/8 scale, a TurboJPEG decompressor created per call).
+4. Read: the shards streamed into training batches (``sela.stream.ShardStream``) against torchvision's
    ``ImageFolder`` + ``DataLoader`` on the extracted folder, same batch size and worker count, images to uint8
    tensors: stock (its default PIL loader + ``PILToTensor``: what the goal stream/ImageFolder >= 1.5 is measured
    against) and, to show what the file layout alone is worth, with the stream's own decoder
@@ -29,10 +32,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import simplejpeg
 import torch
 import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from sela import _jpeg  # noqa: E402
 from sela.config import ShardParams  # noqa: E402
 from sela.data import decode_image  # noqa: E402
 from sela.ingest import ingest  # noqa: E402
@@ -74,6 +79,31 @@ def time_ingest(folder: Path, output: Path, args: argparse.Namespace) -> tuple[f
     if len(report.quarantine):
         print(f"note: {len(report.quarantine)} files quarantined, e.g. {report.quarantine.iloc[0].to_dict()}")
     return seconds, (own_end - own, children_end - children), len(report.manifest)
+
+
+def time_jpeg_check(folder: Path, count: int = 10_000, rounds: int = 3) -> tuple[float, float, int]:
+    """(us of CPU per image for ``sela._jpeg.check``, the same for simplejpeg's header + strict 1/8-scale
+    decode, images): the best of ``rounds`` passes over the first ``count`` JPEGs of ``folder``, read first."""
+    datas = [path.read_bytes() for path in sorted(folder.rglob("*.jpg"))[:count]]
+
+    def compiled() -> None:
+        for data in datas:
+            _jpeg.check(data, 0, 1)
+
+    def two_calls() -> None:
+        for data in datas:
+            simplejpeg.decode_jpeg_header(data)
+            simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True, min_factor=8, min_height=1, min_width=1)
+
+    costs = []
+    for check in (compiled, two_calls):
+        best = float("inf")
+        for _ in range(rounds):
+            start = time.process_time()
+            check()
+            best = min(best, time.process_time() - start)
+        costs.append(best / len(datas) * 1e6)
+    return costs[0], costs[1], len(datas)
 
 
 def load_as_array(path: str, image_size: int) -> np.ndarray:
@@ -158,6 +188,7 @@ def main() -> None:
         files = sum(1 for path in folder.rglob("*") if path.is_file())
         print(f"{'step':<28}{'images':>8}{'seconds':>9}{'images/s':>10}{'CPU s':>8}{'us CPU/image':>14}")
         ratios, cpu_ratios = time_pairs(folder, files, scratch, args)
+        compiled_cost, two_calls_cost, checked = time_jpeg_check(folder)
         folder_seconds, folder_count = time_image_folder(folder, args, stock=True)
         same_seconds, same_count = time_image_folder(folder, args, stock=False)
         stream_seconds, stream_count = time_stream(scratch / "shards-0", args)
@@ -170,6 +201,9 @@ def main() -> None:
         print(f"ingest / tar: median {np.median(ratios):.2f}x of {len(ratios)} pairs "
               f"({', '.join(f'{ratio:.2f}' for ratio in ratios)}; goal >= 0.5); "
               f"from CPU time on idle cores: median {np.median(cpu_ratios):.2f}x")
+        if checked:
+            print(f"JPEG check, CPU per image over {checked} JPEGs: sela._jpeg {compiled_cost:.1f} us, simplejpeg "
+                  f"header + 1/8 decode {two_calls_cost:.1f} us: {two_calls_cost / compiled_cost:.2f}x faster")
         print(f"stream / ImageFolder: {read_ratio:.2f}x (goal >= 1.5); "
               f"against ImageFolder with the stream's decoder: {layout_ratio:.2f}x")
         print(f"workers {args.workers}, batch {args.batch_size}, {args.image_size} px, "
