@@ -89,6 +89,10 @@ class TrainParams(Section):
     architecture: Literal["small_cnn", "small_resnet", "resnet18"]
     width: PositiveInt
     image_size: PositiveInt
+    eval_image_size: PositiveInt = Field(
+        description="side of every unaugmented view (the export's logits, kNN and probe features, scoring): "
+        "larger than image_size because the training crops (crop_scale_min..max of an image, resized to "
+        "image_size) show objects larger than a whole image at image_size does (FixRes, Touvron et al. 2019)")
     num_heads: PositiveInt
     num_clusters: PositiveInt = Field(ge=2)
     hidden_layers: list[PositiveInt] = Field(
@@ -115,6 +119,11 @@ class TrainParams(Section):
     overclustering: OverclusteringParams
     augment: AugmentParams
     sinkhorn: SinkhornParams
+
+    @property
+    def decode_size(self) -> int:
+        """Side to decode the images at where both views are taken from them (export, evaluation, transfer)."""
+        return max(self.image_size, self.eval_image_size)
 
     @property
     def head_sizes(self) -> list[int]:

@@ -176,7 +176,7 @@ def compute_logits(
         if augmented:
             batch = augment(raw, params.augment, params.image_size, generator)
         else:
-            batch = center(raw, params.image_size)
+            batch = center(raw, params.eval_image_size)
         with _autocast(device):
             head_outputs = model(model_layout(batch))
         for head, logits in enumerate(head_outputs):

@@ -32,11 +32,11 @@ def label_columns(table: Any, keys: list[str]) -> tuple[np.ndarray, np.ndarray, 
 def evaluate_labels(root: str, params: Params) -> dict[str, Any]:
     """Write metrics/evaluation.json and reports/labels/ (montage per cluster, charts, report.html)."""
     base, device = Path(root), torch.device(device_name())
-    shards = read_shards(base / SHARD_DIR, params.train.image_size)
+    shards = read_shards(base / SHARD_DIR, params.train.decode_size)
     checkpoint = train.load_checkpoint(base / CHECKPOINT, params.train, device)
     head_labels, label, confidence = label_columns(labels.read_label_set(base / LABELS), shards.keys)
-    features = evaluate.compute_features(checkpoint.model, torch.from_numpy(shards.images), params.train.image_size,
-                                         device)
+    images = torch.from_numpy(shards.images)
+    features = evaluate.compute_features(checkpoint.model, images, params.train.eval_image_size, device)
     metrics = evaluate.evaluate_label_set(features, head_labels, label, confidence, shards.ground_truth,
                                           params.train.num_clusters, params.evaluate)
     (base / EVALUATION).parent.mkdir(parents=True, exist_ok=True)

@@ -68,7 +68,7 @@ def _align_to_parent(root: str, final: export.FinalLabels, keys: list[str], para
 def export_labels(root: str, params: Params) -> dict[str, Any]:
     """Write labels/labels.parquet, labels/card.json and metrics/labels.json. Returns the metrics."""
     base, device = Path(root), torch.device(device_name())
-    shards = read_shards(base / SHARD_DIR, params.train.image_size)
+    shards = read_shards(base / SHARD_DIR, params.train.decode_size)
     checkpoint = train.load_checkpoint(base / CHECKPOINT, params.train, device)
     images = torch.from_numpy(shards.images)
     final = export.final_labels(checkpoint.model, images, params, device)

@@ -20,7 +20,7 @@ from tasks.paths import LABELS, SHARD_DIR, TRANSFER_METRICS, TRANSFER_MODEL
 def transfer_labels(root: str, params: Params) -> dict[str, Any]:
     """Write models/transfer.pt and metrics/transfer.json; logs each epoch."""
     base, device, logger = Path(root), torch.device(device_name()), get_run_logger()
-    shards = read_shards(base / SHARD_DIR, params.train.image_size)
+    shards = read_shards(base / SHARD_DIR, params.train.decode_size)
     _, label, _ = label_columns(labels.read_label_set(base / LABELS), shards.keys)
     images = torch.from_numpy(shards.images)
     settings = params.transfer
@@ -30,8 +30,8 @@ def transfer_labels(root: str, params: Params) -> dict[str, Any]:
     metrics: dict[str, Any] = {"architecture": settings.architecture, "heldout_agreement": result.heldout_agreement,
                                "final_loss": result.history[-1]["loss"]}
     if all(truth is not None for truth in shards.ground_truth):
-        features = evaluate.project(evaluate.compute_features(result.model, images, params.train.image_size, device),
-                                    params.evaluate.knn_dimensions)
+        features = evaluate.compute_features(result.model, images, params.train.eval_image_size, device)
+        features = evaluate.project(features, params.evaluate.knn_dimensions)
         metrics["knn_accuracy"] = evaluate.knn_accuracy(features, shards.ground_truth, params.evaluate.knn_neighbours,
                                                         params.evaluate.knn_temperature)
     (base / TRANSFER_MODEL).parent.mkdir(parents=True, exist_ok=True)

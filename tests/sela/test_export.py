@@ -20,7 +20,8 @@ class FirstRow(nn.Module):
 
 
 def setup(label_head):
-    params = load_params(PROJECT_ROOT / "params.yaml", {"train.num_heads": 3, "export.label_head": label_head})
+    params = load_params(PROJECT_ROOT / "params.yaml", {"train.num_heads": 3, "train.eval_image_size": 16,
+                                                         "export.label_head": label_head})  # pixels as drawn
     model = MultiHeadNet(FirstRow(), 10, [10] * 3)
     with torch.no_grad():
         for head, scale in zip(model.heads, SCALES, strict=True):

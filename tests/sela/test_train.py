@@ -7,6 +7,7 @@ import torch
 from sela import export, train
 from sela.config import load_params
 from sela.data import iter_digit_samples
+from sela.models import MultiHeadNet
 from sela.shards import read_shards, write_shards
 from tests.conftest import PROJECT_ROOT
 
@@ -158,3 +159,28 @@ def test_one_head_in_turn_after_a_first_relabel_of_every_head(digits):
         untouched = [head for head in range(3) if head != heads[0]["head"]]
         assert len(heads) == 1 and np.array_equal(checkpoint.labels[untouched], before[untouched])
     assert solved == [0, 1, 2, 0]
+
+
+class InputSides(torch.nn.Module):
+    """A backbone that records the side of every batch it sees; features: the channel means."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sides: list[int] = []
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        self.sides.append(images.shape[-1])
+        return images.mean(dim=(2, 3))
+
+
+def test_unaugmented_views_are_shown_at_eval_image_size_and_training_crops_at_image_size():
+    settings = load_params(PROJECT_ROOT / "params.yaml", {"train.image_size": 12, "train.eval_image_size": 15}).train
+    backbone = InputSides()
+    model = MultiHeadNet(backbone, 3, [4])
+    images = torch.zeros(5, 20, 20, 3, dtype=torch.uint8)
+
+    for augmented in (False, True):
+        train.compute_logits(model, images, settings, torch.device("cpu"), augmented=augmented)
+
+    assert backbone.sides == [15, 12]
+    assert settings.decode_size == 15  # export and evaluation decode the images at the larger of the two
