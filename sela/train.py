@@ -167,7 +167,10 @@ def compute_logits(
     seed: int = 0,
     batch_size: int = 512,
 ) -> list[torch.Tensor]:
-    """Logits of every head for every image, row i for image i. -> num_heads x (N, K) float32 on ``device``."""
+    """Logits of every head for every image, row i for image i. -> num_heads x (N, K) float32 on ``device``.
+
+    ``augmented``: training crops at ``params.image_size``; else each whole image at ``params.eval_image_size``.
+    """
     model = to_device(model, device).eval()
     generator = torch.Generator(device="cpu").manual_seed(seed)
     outputs: list[list[torch.Tensor]] = [[] for _ in model.heads]

@@ -99,6 +99,5 @@ def test_the_scaled_jpeg_check_rejects_what_a_full_size_decode_rejects() -> None
                 rejected = True
             reason = inspect_image(data, LIMITS).reason
             assert (reason is not None and reason.startswith("corrupt image: ")) == rejected, (options, reason)
-            assert rejected or reason is None
             checked += rejected
     assert checked > 30  # most copies are damaged: the comparison covered rejections, not only clean files
