@@ -31,7 +31,6 @@ typedef struct {
 
 static struct jpeg_decompress_struct decompressor;
 static Errors errors;
-static int ready = 0;
 
 /* Fatal errors and (strict mode) warnings both keep libjpeg's message and leave through the jump. */
 static void fail(j_common_ptr info) {
@@ -70,10 +69,8 @@ static const char *colorspace_name(J_COLOR_SPACE space) {
     }
 }
 
+/* The one decompressor, made when the module is imported (a forked worker inherits its own copy). */
 static int prepare(void) {
-    if (ready) {
-        return 1;
-    }
     decompressor.err = jpeg_std_error(&errors.manager);
     errors.manager.error_exit = fail;
     errors.manager.emit_message = warn_or_trace;
@@ -83,7 +80,6 @@ static int prepare(void) {
     }
     jpeg_create_decompress(&decompressor);
     jpeg_save_markers(&decompressor, JPEG_APP0 + 1, sizeof EXIF_HEADER);  /* stays set for every image */
-    ready = 1;
     return 1;
 }
 
@@ -110,10 +106,6 @@ static PyObject *check(PyObject *module, PyObject *args) {
     unsigned long long max_pixels;
     unsigned long min_side;
     if (!PyArg_ParseTuple(args, "y*Kk", &data, &max_pixels, &min_side)) {
-        return NULL;
-    }
-    if (!prepare()) {
-        PyBuffer_Release(&data);
         return NULL;
     }
     if (setjmp(errors.jump)) {
@@ -155,5 +147,5 @@ static struct PyModuleDef definition = {
 };
 
 PyMODINIT_FUNC PyInit__jpeg(void) {
-    return PyModule_Create(&definition);
+    return prepare() ? PyModule_Create(&definition) : NULL;
 }
