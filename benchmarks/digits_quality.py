@@ -50,9 +50,10 @@ def main() -> None:
     base = load_params(ROOT / "params.yaml", overrides)
     with tempfile.TemporaryDirectory() as directory:
         ingest(base.shard, directory, workers=1)
-        loaded = read_shards(Path(directory), base.train.image_size)
+        loaded = read_shards(Path(directory), base.train.decode_size)  # as the pipeline decodes them
+        rendered = read_shards(Path(directory), base.shard.image_size).images  # the raw pixels, as rendered
     images, truth = torch.from_numpy(loaded.images), loaded.ground_truth
-    pixels = loaded.images.reshape(len(images), -1).astype(np.float32) / 255
+    pixels = rendered.reshape(len(images), -1).astype(np.float32) / 255
     kmeans = KMeans(base.train.num_clusters, n_init=10, random_state=0).fit_predict(pixels)
     baseline = label_quality(kmeans, truth)
     print(f"{'run':<16}{'NMI':>8}{'ACC':>8}{'ARI':>8}{'seconds':>9}")

@@ -4,8 +4,9 @@
     python benchmarks/quality.py --device cuda --workers 16 --budget-minutes 6.75  # one GPU: GPU_OVERRIDES below
 
 1. Ingests ``train.tar.gz`` and ``test.tar.gz`` of ``--dataset`` with the pipeline's own ingest (not timed against
-   the budget; ``--cache`` keeps the shards between runs) and decodes them at 32 px (the network sees its training
-   crops at ``train.image_size``, the whole images it is scored on at ``train.eval_image_size``).
+   the budget; ``--cache`` keeps the shards between runs) and decodes them at ``train.decode_size``, as the pipeline
+   does (32 px: the images' own size; the network sees its training crops at ``train.image_size``, the whole images
+   it is scored on at ``train.eval_image_size``).
 2. Baselines on the test split: k-means on raw pixels (k = 10, n_init = 3: ACC/NMI/ARI) and weighted kNN on raw
    pixels (128-d random projection, train split as reference).
 3. Self-labels the train split with the pipeline's core (``sela.train``: params.yaml plus the CIFAR-10 overrides
@@ -61,11 +62,11 @@ GPU_OVERRIDES = {"train.architecture": "resnet18", "train.image_size": 32, "trai
                  "train.sinkhorn.tolerance": 0.01, "train.hidden_layers": []}
 
 
-def load_split(archive: Path, cache: Path, workers: int) -> LoadedShards:
-    """Ingest ``archive`` into ``cache`` (kept shards are reused) and decode every image at 32 px."""
+def load_split(archive: Path, cache: Path, decode_size: int, workers: int) -> LoadedShards:
+    """Ingest ``archive`` into ``cache`` (kept shards are reused) and decode every image at ``decode_size``."""
     params = load_params(ROOT / "params.yaml", {"shard.source": str(archive), "shard.min_side": 8}).shard
     ingest(params, str(cache), workers=workers)
-    return read_shards(cache, 32)
+    return read_shards(cache, decode_size)
 
 
 def subset(split: LoadedShards, count: int) -> LoadedShards:
@@ -164,8 +165,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as temporary:
         cache = args.cache or Path(temporary)
         started = time.perf_counter()
-        train_split = load_split(args.dataset / "train.tar.gz", cache / "train", args.workers)
-        test_split = load_split(args.dataset / "test.tar.gz", cache / "test", args.workers)
+        decode_size = params.train.decode_size
+        train_split = load_split(args.dataset / "train.tar.gz", cache / "train", decode_size, args.workers)
+        test_split = load_split(args.dataset / "test.tar.gz", cache / "test", decode_size, args.workers)
     if args.subset:
         train_split = subset(train_split, args.subset)
     log(f"data: {len(train_split)} train, {len(test_split)} test images ({time.perf_counter() - started:.0f}s)")

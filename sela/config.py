@@ -41,7 +41,7 @@ class ShardParams(Section):
     @model_validator(mode="after")
     def _ordered_sides(self) -> "ShardParams":
         if self.min_side > self.max_side:
-            raise ValueError("min_side must not exceed max_side")
+            raise ValueError(f"min_side={self.min_side} must not exceed max_side={self.max_side}")
         return self
 
 
@@ -57,7 +57,8 @@ class AugmentParams(Section):
     @model_validator(mode="after")
     def _ordered_scales(self) -> "AugmentParams":
         if self.crop_scale_min > self.crop_scale_max:
-            raise ValueError("crop_scale_min must not exceed crop_scale_max")
+            raise ValueError(
+                f"crop_scale_min={self.crop_scale_min} must not exceed crop_scale_max={self.crop_scale_max}")
         return self
 
 
@@ -88,6 +89,9 @@ class TrainParams(Section):
     seed: int
     architecture: Literal["small_cnn", "small_resnet", "resnet18"]
     width: PositiveInt
+    decode_size: PositiveInt = Field(
+        description="side every image is decoded at, once, before any view is cut from it: training crops are "
+        "taken from it and resized to image_size, whole views resized to eval_image_size; at least both")
     image_size: PositiveInt
     eval_image_size: PositiveInt = Field(
         description="side of every unaugmented view (the export's logits, kNN and probe features, scoring): "
@@ -120,10 +124,14 @@ class TrainParams(Section):
     augment: AugmentParams
     sinkhorn: SinkhornParams
 
-    @property
-    def decode_size(self) -> int:
-        """Side to decode the images at where both views are taken from them (export, evaluation, transfer)."""
-        return max(self.image_size, self.eval_image_size)
+    @model_validator(mode="after")
+    def _views_fit_the_decode(self) -> "TrainParams":
+        # A view larger than the decoded image would be upsampled from pixels thrown away at decode time.
+        largest = max(self.image_size, self.eval_image_size)
+        if self.decode_size < largest:
+            raise ValueError(f"decode_size={self.decode_size} is smaller than image_size={self.image_size} or "
+                             f"eval_image_size={self.eval_image_size}: raise it to at least {largest}")
+        return self
 
     @property
     def head_sizes(self) -> list[int]:
@@ -212,7 +220,9 @@ def _describe(error: ValidationError) -> str:
     lines = []
     for item in error.errors():
         key = ".".join(str(part) for part in item["loc"]) or "<root>"
-        lines.append(f"{key}: {item['msg']}" + (f" (got {item['input']!r})" if item["type"] != "missing" else ""))
+        # A whole section's check already names its values: echoing the section would bury the message.
+        echo = item["type"] != "missing" and not isinstance(item["input"], dict)
+        lines.append(f"{key}: {item['msg']}" + (f" (got {item['input']!r})" if echo else ""))
     return "; ".join(lines)
 
 

@@ -17,21 +17,22 @@ from tasks.paths import CHECKPOINT, SHARD_DIR
 
 
 @lru_cache(maxsize=2)
-def _cached_images(shard_dir: str, manifest_sha256: str, image_size: int) -> torch.Tensor:
+def _cached_images(shard_dir: str, manifest_sha256: str, decode_size: int) -> torch.Tensor:
     # Keyed by the manifest hash: new shards are never served from a stale cache.
-    return torch.from_numpy(read_shards(Path(shard_dir), image_size).images)
+    return torch.from_numpy(read_shards(Path(shard_dir), decode_size).images)
 
 
-def load_images(root: str, image_size: int) -> torch.Tensor:
-    """All images of the shards, uint8 (N, H, W, 3), row i = manifest index i; decoded once per process."""
+def load_images(root: str, decode_size: int) -> torch.Tensor:
+    """All images of the shards, uint8 (N, decode_size, decode_size, 3), row i = manifest index i; decoded once
+    per process. Training crops and relabel views are cut from these, not from images already shrunk to their size."""
     shard_dir = Path(root) / SHARD_DIR
-    return _cached_images(str(shard_dir), manifest_hash(shard_dir), image_size)
+    return _cached_images(str(shard_dir), manifest_hash(shard_dir), decode_size)
 
 
 @task(name="start-training", cache_policy=NO_CACHE)
 def start_training(root: str, params: TrainParams) -> dict[str, Any]:
     """Random network and random balanced labels, saved as the epoch-0 checkpoint."""
-    images = load_images(root, params.image_size)
+    images = load_images(root, params.decode_size)
     checkpoint = train.new_checkpoint(params, images.shape[0])
     train.save_checkpoint(checkpoint, Path(root) / CHECKPOINT)
     parameters = sum(p.numel() for p in checkpoint.model.parameters())
@@ -42,7 +43,7 @@ def _checkpoint_step(root: str, params: TrainParams, step: Callable[..., dict[st
     """Load the checkpoint, apply one ``sela.train`` step to it, save it: the shape of every training task."""
     device = torch.device(device_name())
     checkpoint = train.load_checkpoint(Path(root) / CHECKPOINT, params, device)
-    summary = step(checkpoint, load_images(root, params.image_size), params, device)
+    summary = step(checkpoint, load_images(root, params.decode_size), params, device)
     train.save_checkpoint(checkpoint, Path(root) / CHECKPOINT)
     return summary
 

@@ -57,3 +57,11 @@ def test_label_head_must_exist():
     with pytest.raises(ParamsError, match="label_head"):
         parse_params(raw_params(), {"export.label_head": "best"})
     assert parse_params(raw_params(), {"export.label_head": 1}).export.label_head == 1
+
+
+@pytest.mark.parametrize("key", ["train.image_size", "train.eval_image_size"])
+def test_views_larger_than_the_decoded_image_are_rejected(key):
+    decode_size = raw_params()["train"]["decode_size"]
+    with pytest.raises(ParamsError, match=f"train: .*decode_size={decode_size} is smaller"):
+        parse_params(raw_params(), {key: decode_size + 1})
+    assert parse_params(raw_params(), {key: decode_size}).train.decode_size == decode_size

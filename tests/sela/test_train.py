@@ -183,4 +183,3 @@ def test_unaugmented_views_are_shown_at_eval_image_size_and_training_crops_at_im
         train.compute_logits(model, images, settings, torch.device("cpu"), augmented=augmented)
 
     assert backbone.sides == [15, 12]
-    assert settings.decode_size == 15  # export and evaluation decode the images at the larger of the two
