@@ -12,9 +12,9 @@ from prefect.cache_policies import NO_CACHE
 
 from sela import evaluate, labels, report, train
 from sela.config import Params
-from sela.shards import read_shards
 from tasks.environment import device_name
-from tasks.paths import CHECKPOINT, EVALUATION, LABELS, REPORT_DIR, SHARD_DIR
+from tasks.images import load_shards
+from tasks.paths import CHECKPOINT, EVALUATION, LABELS, REPORT_DIR
 
 SCALARS = ("num_images", "num_clusters", "acc", "nmi", "ari", "knn_accuracy", "linear_probe_accuracy",
            "mean_confidence")
@@ -32,7 +32,7 @@ def label_columns(table: Any, keys: list[str]) -> tuple[np.ndarray, np.ndarray, 
 def evaluate_labels(root: str, params: Params) -> dict[str, Any]:
     """Write metrics/evaluation.json and reports/labels/ (montage per cluster, charts, report.html)."""
     base, device = Path(root), torch.device(device_name())
-    shards = read_shards(base / SHARD_DIR, params.train.decode_size)
+    shards = load_shards(base, params.train.decode_size)
     checkpoint = train.load_checkpoint(base / CHECKPOINT, params.train, device)
     head_labels, label, confidence = label_columns(labels.read_label_set(base / LABELS), shards.keys)
     images = torch.from_numpy(shards.images)

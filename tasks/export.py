@@ -13,8 +13,9 @@ from prefect.cache_policies import NO_CACHE
 from registry.read import latest_label_set
 from sela import export, labels, train
 from sela.config import Params
-from sela.shards import manifest_hash, read_shards
+from sela.shards import manifest_hash
 from tasks.environment import device_name
+from tasks.images import load_shards
 from tasks.paths import CARD, CHECKPOINT, CLUSTER_SIZES, LABELS, METRICS, SHARD_DIR
 
 
@@ -68,7 +69,7 @@ def _align_to_parent(root: str, final: export.FinalLabels, keys: list[str], para
 def export_labels(root: str, params: Params) -> dict[str, Any]:
     """Write labels/labels.parquet, labels/card.json and metrics/labels.json. Returns the metrics."""
     base, device = Path(root), torch.device(device_name())
-    shards = read_shards(base / SHARD_DIR, params.train.decode_size)
+    shards = load_shards(base, params.train.decode_size)
     checkpoint = train.load_checkpoint(base / CHECKPOINT, params.train, device)
     images = torch.from_numpy(shards.images)
     final = export.final_labels(checkpoint.model, images, params, device)

@@ -1,7 +1,6 @@
 """Tasks: start a run, train one epoch, relabel. Each loads the checkpoint, makes one ``sela`` call, saves it."""
 
 from collections.abc import Callable
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -11,22 +10,14 @@ from prefect.cache_policies import NO_CACHE
 
 from sela import train
 from sela.config import TrainParams
-from sela.shards import manifest_hash, read_shards
 from tasks.environment import device_name
-from tasks.paths import CHECKPOINT, SHARD_DIR
-
-
-@lru_cache(maxsize=2)
-def _cached_images(shard_dir: str, manifest_sha256: str, decode_size: int) -> torch.Tensor:
-    # Keyed by the manifest hash: new shards are never served from a stale cache.
-    return torch.from_numpy(read_shards(Path(shard_dir), decode_size).images)
+from tasks.images import load_shards
+from tasks.paths import CHECKPOINT
 
 
 def load_images(root: str, decode_size: int) -> torch.Tensor:
-    """All images of the shards, uint8 (N, decode_size, decode_size, 3), row i = manifest index i; decoded once
-    per process. Training crops and relabel views are cut from these, not from images already shrunk to their size."""
-    shard_dir = Path(root) / SHARD_DIR
-    return _cached_images(str(shard_dir), manifest_hash(shard_dir), decode_size)
+    """All images of the shards as a uint8 (N, decode_size, decode_size, 3) tensor sharing ``load_shards``' array."""
+    return torch.from_numpy(load_shards(root, decode_size).images)
 
 
 @task(name="start-training", cache_policy=NO_CACHE)

@@ -10,17 +10,17 @@ from prefect.cache_policies import NO_CACHE
 
 from sela import evaluate, labels, transfer
 from sela.config import Params
-from sela.shards import read_shards
 from tasks.environment import device_name
 from tasks.evaluate import label_columns
-from tasks.paths import LABELS, SHARD_DIR, TRANSFER_METRICS, TRANSFER_MODEL
+from tasks.images import load_shards
+from tasks.paths import LABELS, TRANSFER_METRICS, TRANSFER_MODEL
 
 
 @task(name="transfer-labels", cache_policy=NO_CACHE)
 def transfer_labels(root: str, params: Params) -> dict[str, Any]:
     """Write models/transfer.pt and metrics/transfer.json; logs each epoch."""
     base, device, logger = Path(root), torch.device(device_name()), get_run_logger()
-    shards = read_shards(base / SHARD_DIR, params.train.decode_size)
+    shards = load_shards(base, params.train.decode_size)
     _, label, _ = label_columns(labels.read_label_set(base / LABELS), shards.keys)
     images = torch.from_numpy(shards.images)
     settings = params.transfer
