@@ -120,6 +120,10 @@ class TrainParams(Section):
     relabel_views: PositiveInt = Field(
         le=64, description="augmented views whose logits are averaged in each relabel pass (1 if not augmented)"
     )
+    precision: Literal["float32", "bfloat16"] = Field(
+        description="the network's forward passes: float32, or bfloat16 autocast (weights, gradients and the "
+        "loss stay float32). Fast on GPUs and on CPUs with bfloat16 instructions (AVX512-BF16, AMX); elsewhere "
+        "the CPU emulates it, slower than float32")
     overclustering: OverclusteringParams
     augment: AugmentParams
     sinkhorn: SinkhornParams

@@ -105,9 +105,9 @@ def train_epoch(
 ) -> dict[str, float]:
     """One pass of SGD over augmented ``images`` uint8 (N, H, W, 3), on the CPU or already on ``device``.
 
-    Returns mean loss, accuracy, lr. The network runs in channels-last layout. On a GPU, augmentation runs there,
-    the forward pass under bfloat16 autocast, and nothing waits for the GPU before the epoch ends (running sums stay
-    on the device).
+    Returns mean loss, accuracy, lr. The network runs in channels-last layout, its forward pass in
+    ``params.precision``. On a GPU, augmentation runs there too, and nothing waits for the GPU before the epoch ends
+    (running sums stay on the device).
     """
     generator = torch.Generator(device="cpu").manual_seed(params.seed * 100_003 + checkpoint.epoch)
     model = to_device(checkpoint.model, device).train()
@@ -130,7 +130,7 @@ def train_epoch(
         batch = model_layout(augment(images[index].to(device), params.augment, params.image_size, generator))
         device_index = index.to(device)  # a no-op when the images already live on the device
         batch_targets = targets[:, device_index]
-        with _autocast(device):
+        with _autocast(device, params.precision):
             outputs = [head_logits.float() for head_logits in model(batch)]
         if epoch_logits is not None:
             for stored, head_logits in zip(epoch_logits, outputs, strict=True):
@@ -152,9 +152,9 @@ def train_epoch(
     return summary
 
 
-def _autocast(device: torch.device) -> torch.autocast:
-    """bfloat16 autocast on a GPU; plain float32 on the CPU (so CPU results do not depend on this)."""
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+def _autocast(device: torch.device, precision: str) -> torch.autocast:
+    """The forward pass under bfloat16 autocast when ``precision`` says so, on any device; else float32."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16")
 
 
 @torch.no_grad()
@@ -180,7 +180,7 @@ def compute_logits(
             batch = augment(raw, params.augment, params.image_size, generator)
         else:
             batch = center(raw, params.eval_image_size)
-        with _autocast(device):
+        with _autocast(device, params.precision):
             head_outputs = model(model_layout(batch))
         for head, logits in enumerate(head_outputs):
             outputs[head].append(logits.float())

@@ -54,6 +54,23 @@ def test_loss_goes_down_on_fixed_labels(digits):
     assert losses[-1] < losses[0] * 0.8
 
 
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_precision_sets_the_convolutions_dtype_and_keeps_float32_weights(digits, precision):
+    images, truth = digits
+    params = small_params(**{"train.precision": precision})
+    checkpoint = train.new_checkpoint(params, len(images))
+    checkpoint.labels[:] = np.array([int(t) for t in truth])[None, :]
+    seen = set()
+    first_conv = checkpoint.model.backbone.features[0][0]
+    first_conv.register_forward_hook(lambda module, inputs, output: seen.add(output.dtype))
+    losses = [train.train_epoch(checkpoint, images, params, torch.device("cpu"))["loss"] for _ in range(3)]
+    logits = train.compute_logits(checkpoint.model, images[:10], params, torch.device("cpu"), augmented=False)
+    assert seen == {getattr(torch, precision)}
+    assert losses[-1] < losses[0] * 0.8
+    assert all(parameter.dtype == torch.float32 for parameter in checkpoint.model.parameters())
+    assert logits[0].dtype == torch.float32 and torch.isfinite(logits[0]).all()
+
+
 def test_relabel_is_balanced_and_records_diagnostics(digits):
     images, _ = digits
     params = small_params()
@@ -124,7 +141,7 @@ def test_gpu_epoch_relabel_and_export(digits, tmp_path):
     device = torch.device("cuda")
     params = load_params(PROJECT_ROOT / "params.yaml", {
         "train.width": 16, "train.image_size": 16, "train.num_heads": 2, "train.overclustering.num_heads": 1,
-        "train.overclustering.num_clusters": 40, "train.relabel_from": "last_epoch"})
+        "train.overclustering.num_clusters": 40, "train.relabel_from": "last_epoch", "train.precision": "bfloat16"})
     checkpoint = train.new_checkpoint(params.train, len(images))
     on_device = images.to(device)
     assert train.relabel(checkpoint, on_device, params.train, device)["source"] == "fresh_pass"
