@@ -16,7 +16,11 @@ def train_flow(root: str = ".", overrides: ParamsOverrides | None = None) -> dic
     """Random network -> relabel (on schedule) / epoch, ... -> ``models/checkpoint.pt``."""
     root, params = resolve(root, overrides)
     settings, logger = params.train, get_run_logger()
-    logger.info("start: %s", start_training(root, settings))
+    start = start_training(root, settings)
+    logger.info("start: %s", start)
+    if settings.precision == "bfloat16" and not start["native_bfloat16"]:
+        logger.warning("train.precision is bfloat16 but %s has no bfloat16 instructions: it is emulated there and "
+                       "can be slower than float32 (set train.precision: float32 in params.yaml)", start["device"])
     schedule = set(relabel_epochs(settings.epochs, settings.num_relabels, settings.relabel_power))
     progress = create_progress_artifact(0.0, key="training-progress", description="epochs done (%)")
     summary: dict[str, Any] = {}

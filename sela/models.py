@@ -96,10 +96,21 @@ class MultiHeadNet(nn.Module):
             feature_size = size
         self.hidden = nn.Sequential(*layers)  # empty: the identity, and no entries in the state dict
         self.heads = nn.ModuleList(nn.Linear(feature_size, size) for size in head_sizes)
+        self.head_sizes = list(head_sizes)
+
+    def joint_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, sum of head_sizes): every head's logits side by side, in head order.
+
+        One matrix product for all heads: on a 2-core CPU, ten small products (and their backward passes) cost
+        a twentieth of an SGD step of the CIFAR recipe.
+        """
+        shared = self.hidden(self.backbone(images))
+        weight = torch.cat([head.weight for head in self.heads])
+        bias = torch.cat([head.bias for head in self.heads])
+        return nn.functional.linear(shared, weight, bias)
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        shared = self.hidden(self.backbone(images))
-        return [head(shared) for head in self.heads]
+        return list(self.joint_logits(images).split(self.head_sizes, dim=1))
 
 
 def build_model(architecture: str, width: int, head_sizes: Sequence[int],

@@ -27,7 +27,9 @@ def start_training(root: str, params: TrainParams) -> dict[str, Any]:
     checkpoint = train.new_checkpoint(params, images.shape[0])
     train.save_checkpoint(checkpoint, Path(root) / CHECKPOINT)
     parameters = sum(p.numel() for p in checkpoint.model.parameters())
-    return {"num_images": int(images.shape[0]), "parameters": parameters, "device": device_name()}
+    device = device_name()
+    return {"num_images": int(images.shape[0]), "parameters": parameters, "device": device,
+            "native_bfloat16": train.native_bfloat16(torch.device(device))}
 
 
 def _checkpoint_step(root: str, params: TrainParams, step: Callable[..., dict[str, Any]]) -> dict[str, Any]:

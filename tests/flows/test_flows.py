@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import logging
 import subprocess
 
 import pyarrow.parquet as pq
@@ -100,3 +101,20 @@ def test_shard_flow_reports_quarantined_files_and_duplicates(prefect_api_url, tm
     assert quarantine["reason"] == [f"duplicate of {images}/cats/0.png", "not an image (unrecognised content)"]
     tables = [artifact for artifact in asyncio.run(_artifacts()) if artifact.key == "quarantine"]
     assert any("3.png" in str(table.data) and "broken.jpg" in str(table.data) for table in tables)
+
+
+
+def test_train_flow_warns_when_bfloat16_would_be_emulated(prefect_api_url, tmp_path, monkeypatch, caplog):
+    from flows.shard import shard_flow
+    from flows.train import train_flow
+    from sela import train
+
+    project = make_project(tmp_path / "project", {"train.epochs": 1, "train.num_relabels": 1})
+    shard_flow(root=str(project))
+    monkeypatch.setattr(train, "native_bfloat16", lambda device: False)  # a CPU without AVX512-BF16 or AMX
+    with caplog.at_level(logging.WARNING, logger="prefect.flow_runs"):
+        state = train_flow(root=str(project), return_state=True)
+
+    assert state.is_completed(), state.message
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert any("no bfloat16 instructions" in message and "float32" in message for message in warnings)

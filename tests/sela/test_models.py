@@ -29,7 +29,8 @@ def test_hidden_layers_sit_between_backbone_and_heads():
     assert features.shape == (3, 32)
     shared = model.hidden(features)
     assert shared.shape == (3, 48) and bool((shared >= 0).all())
-    torch.testing.assert_close(outputs[1], model.heads[1](shared))
+    for output, head in zip(outputs, model.heads, strict=True):  # one fused product, each head's own weights
+        torch.testing.assert_close(output, head(shared))
 
 
 def test_no_hidden_layers_keeps_the_state_dict_of_earlier_checkpoints():

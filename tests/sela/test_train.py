@@ -1,5 +1,7 @@
 """Training pieces: relabel schedule, balanced start, loss going down, checkpoint round trip, relabel balance."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -27,6 +29,16 @@ def small_params(**changes):
     return load_params(PROJECT_ROOT / "params.yaml", overrides).train
 
 
+def test_native_bfloat16_agrees_with_the_cpu_flags():
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        pytest.skip("no /proc/cpuinfo to compare with")
+    flags = {flag for line in cpuinfo.read_text().splitlines() if line.startswith("flags")
+             for flag in line.split(":", 1)[1].split()}
+    expected = bool(flags & {"avx512_bf16", "amx_bf16"})
+    assert train.native_bfloat16(torch.device("cpu")) is expected
+
+
 @pytest.mark.parametrize(("epochs", "count", "power"), [(100, 40, 2.0), (10, 10, 2.0), (30, 100, 1.0), (400, 100, 2.0)])
 def test_relabel_schedule(epochs, count, power):
     epochs_chosen = train.relabel_epochs(epochs, count, power)
@@ -43,6 +55,18 @@ def test_random_start_is_balanced():
         sizes = np.bincount(head, minlength=size)
         assert len(sizes) == size and sizes.max() - sizes.min() <= 1
     assert not np.array_equal(labels[0], labels[1])
+
+
+def test_heads_cross_entropy_is_the_mean_of_each_heads_loss():
+    sizes = [10, 10, 128, 10]  # a run of equal heads, another size, then the first size again
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, sum(sizes), generator=generator)
+    targets = torch.stack([torch.randint(0, size, (6,), generator=generator) for size in sizes])
+    loss, correct = train.heads_cross_entropy(logits, targets, sizes)
+    heads = logits.split(sizes, dim=1)
+    expected = sum(torch.nn.functional.cross_entropy(h, t) for h, t in zip(heads, targets, strict=True)) / 4
+    torch.testing.assert_close(loss, expected)
+    assert int(correct) == sum(int((h.argmax(1) == t).sum()) for h, t in zip(heads, targets, strict=True))
 
 
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
