@@ -145,10 +145,8 @@ def train_epoch(
     checkpoint.epoch += 1
     # Images skipped above (a remainder of one) keep zero logits: a uniform row, which Sinkhorn handles.
     # One contiguous (N, K) array a head: what the Sinkhorn kernels read, on a GPU through DLPack.
-    if epoch_logits is not None:
-        checkpoint.epoch_logits = [head.contiguous() for head in epoch_logits.split(params.head_sizes, dim=1)]
-    else:
-        checkpoint.epoch_logits = None
+    checkpoint.epoch_logits = None if epoch_logits is None else [
+        head.contiguous() for head in epoch_logits.split(params.head_sizes, dim=1)]
     summary = {"epoch": checkpoint.epoch, "loss": total_loss.item() / seen, "accuracy": total_correct.item() / seen,
                "lr": rate}
     checkpoint.history.append({"kind": "epoch", **summary})
