@@ -19,7 +19,8 @@
    protocol) on the learned features and on the same network at initialisation.
 
 The class folders are ground truth for scoring only. Prints one line per epoch and a final table with ratios
-against the baselines.
+against the baselines; ``--report DIR`` also writes the pipeline's visual report of the train split's label set
+(``clusters.png``: every cluster's most confident images; a montage per cluster; ``report.html``).
 """
 
 import argparse
@@ -35,11 +36,11 @@ import torch
 from sklearn.cluster import KMeans
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from sela import export, train  # noqa: E402
+from sela import export, report, train  # noqa: E402
 from sela.config import Params, load_params  # noqa: E402
-from sela.evaluate import compute_features, knn_predict, project  # noqa: E402
+from sela.evaluate import compute_features, confidence_histogram, head_agreement, knn_predict, project  # noqa: E402
 from sela.ingest import ingest  # noqa: E402
-from sela.metrics import encode, label_quality  # noqa: E402
+from sela.metrics import cluster_sizes, encode, label_quality  # noqa: E402
 from sela.shards import LoadedShards, read_shards  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -155,6 +156,7 @@ def main() -> None:
                         help="train on this many train images (a fixed random choice) for quick comparisons; 0: all")
     parser.add_argument("--overrides", default="{}", help='JSON of params.yaml overrides, e.g. \'{"train.width": 48}\'')
     parser.add_argument("--device", default="cpu", help="torch device for training and scoring, e.g. cuda")
+    parser.add_argument("--report", type=Path, default=None, help="write the label set's visual report here")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed batch shapes: let cuDNN pick its fastest kernels
@@ -183,8 +185,12 @@ def main() -> None:
     results["kNN initial network"] = {"knn": network_knn(initial, train_split, test_split, params, device)}
     checkpoint, seconds = self_label(params, train_images, args.budget_minutes * 60, train_split.ground_truth,
                                      device, log)
-    results.update(score(checkpoint.model, train_split, test_split, params, device))
-    report(results, seconds, params, device, log)
+    final = export.final_labels(checkpoint.model, torch.from_numpy(train_split.images), params, device)
+    results.update(score(checkpoint.model, final, train_split, test_split, params, device))
+    print_table(results, seconds, params, device, log)
+    if args.report:
+        page = write_label_report(args.report, final, train_split, results, params)
+        log(f"report: {page}")
 
 
 def network_knn(model: torch.nn.Module, train_split: LoadedShards, test_split: LoadedShards, params: Params,
@@ -196,10 +202,9 @@ def network_knn(model: torch.nn.Module, train_split: LoadedShards, test_split: L
     return knn_test_accuracy(train_features, train_split.ground_truth, test_features, test_split.ground_truth, params)
 
 
-def score(model: torch.nn.Module, train_split: LoadedShards, test_split: LoadedShards, params: Params,
-          device: torch.device) -> dict[str, dict[str, float]]:
+def score(model: torch.nn.Module, final: export.FinalLabels, train_split: LoadedShards, test_split: LoadedShards,
+          params: Params, device: torch.device) -> dict[str, dict[str, float]]:
     """The exported label set on train, its head's predictions on test, and kNN on the learned features."""
-    final = export.final_labels(model, torch.from_numpy(train_split.images), params, device)
     head = final.selected_head
     logits = train.compute_logits(model, torch.from_numpy(test_split.images), params.train, device, augmented=False)
     predicted = logits[head].argmax(1).cpu().numpy()
@@ -210,8 +215,26 @@ def score(model: torch.nn.Module, train_split: LoadedShards, test_split: LoadedS
     }
 
 
-def report(results: dict[str, dict[str, float]], seconds: float, params: Params, device: torch.device,
-           log: Callable[[str], None]) -> None:
+def write_label_report(directory: Path, final: export.FinalLabels, train_split: LoadedShards,
+                       results: dict[str, dict[str, float]], params: Params) -> Path:
+    """The pipeline's report (``sela.report``) of the train split's exported label set. Returns the HTML page."""
+    head, num_clusters = final.selected_head, params.train.num_clusters
+    label, confidence = final.labels[head], final.confidence[head]
+    metrics = {"num_images": len(label), "head": head, "mean_confidence": float(confidence.mean()),
+               **{f"train {name}": value for name, value in results["sela labels (train)"].items()},
+               **{f"test {name}": value for name, value in results["sela head (test)"].items()}}
+    charts = {
+        "cluster_sizes": report.cluster_size_chart(cluster_sizes(label, num_clusters)),
+        "confidence": report.confidence_chart(confidence_histogram(confidence)),
+        "head_agreement": report.agreement_chart(head_agreement(final.labels, num_clusters)["agreement"]),
+    }
+    files = report.write_report(directory, "sela on CIFAR-10 (train split)", train_split.images, label, confidence,
+                                num_clusters, metrics, charts, params.evaluate.montage_images)
+    return files[-1]
+
+
+def print_table(results: dict[str, dict[str, float]], seconds: float, params: Params, device: torch.device,
+                log: Callable[[str], None]) -> None:
     """The table, then the ratios the issue's goals are stated in."""
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
     log(f"\ntraining: {seconds / 60:.1f} min on {where}, "

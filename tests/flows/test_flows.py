@@ -7,6 +7,7 @@ import subprocess
 
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from sela.config import ParamsError
 from tests.conftest import make_project
@@ -36,6 +37,7 @@ def test_full_flow_publishes_a_pullable_version(prefect_api_url, tmp_path):
     assert 0 <= result["evaluation"]["knn_accuracy"] <= 1 and "linear_probe_accuracy" in result["evaluation"]
     assert (project / "reports/labels/report.html").stat().st_size > 0
     assert len(list((project / "reports/labels").glob("cluster_[0-9]*.png"))) == 10
+    assert Image.open(project / "reports/labels/clusters.png").size == (40 + 8 * 64, 10 * 64 + 9 * 6)  # 10 rows of 8
     transfer = json.loads((project / "metrics/transfer.json").read_text())
     assert transfer["architecture"] == "small_resnet" and 0 <= transfer["heldout_agreement"] <= 1
     names = asyncio.run(_task_run_names())
