@@ -223,11 +223,8 @@ def write_label_report(directory: Path, final: export.FinalLabels, train_split: 
     metrics = {"num_images": len(label), "head": head, "mean_confidence": float(confidence.mean()),
                **{f"train {name}": value for name, value in results["sela labels (train)"].items()},
                **{f"test {name}": value for name, value in results["sela head (test)"].items()}}
-    charts = {
-        "cluster_sizes": report.cluster_size_chart(cluster_sizes(label, num_clusters)),
-        "confidence": report.confidence_chart(confidence_histogram(confidence)),
-        "head_agreement": report.agreement_chart(head_agreement(final.labels, num_clusters)["agreement"]),
-    }
+    charts = report.label_set_charts(cluster_sizes(label, num_clusters), confidence_histogram(confidence),
+                                     head_agreement(final.labels, num_clusters)["agreement"])
     files = report.write_report(directory, "sela on CIFAR-10 (train split)", train_split.images, label, confidence,
                                 num_clusters, metrics, charts, params.evaluate.montage_images)
     return files[-1]

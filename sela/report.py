@@ -20,21 +20,29 @@ GAP = 6  # px of white between the confident row and the unconfident row
 MARGIN = 40  # px left of each overview row, for the cluster number
 
 
+def _by_confidence(confidence: np.ndarray, members: np.ndarray) -> np.ndarray:
+    """members (M,) ordered from most to least confident."""
+    # Ties are broken in a fixed random order: sharpened Sinkhorn plans give most images a confidence of exactly
+    # 1.0, and breaking ties by row showed the first images in key order (on CIFAR-10: airplanes in every row).
+    tie_break = np.random.default_rng(0).permutation(len(members))
+    return members[np.lexsort((tie_break, -confidence[members]))]
+
+
+def _paste_row(canvas: Image.Image, images: np.ndarray, indices: np.ndarray, left: int, top: int) -> None:
+    for column, index in enumerate(indices):
+        tile = Image.fromarray(images[index]).resize((TILE, TILE), Image.Resampling.NEAREST)
+        canvas.paste(tile, (left + column * TILE, top))
+
+
 def cluster_montage(images: np.ndarray, confidence: np.ndarray, members: np.ndarray, count: int) -> Image.Image:
     """Two rows of ``count`` tiles: the cluster's most confident images, then its least confident ones.
 
     images uint8 (N, H, W, 3), confidence (N,), members (M,) row indices of the cluster's images.
     """
-    # Ties are broken in a fixed random order: sharpened Sinkhorn plans give most images a confidence of exactly
-    # 1.0, and breaking ties by row showed the first images in key order (on CIFAR-10: airplanes in every row).
-    tie_break = np.random.default_rng(0).permutation(len(members))
-    order = members[np.lexsort((tie_break, -confidence[members]))]
-    rows = [order[:count], order[::-1][:count]]
+    order = _by_confidence(confidence, members)
     canvas = Image.new("RGB", (count * TILE, 2 * TILE + GAP), (255, 255, 255))
-    for row, indices in enumerate(rows):
-        for column, index in enumerate(indices):
-            tile = Image.fromarray(images[index]).resize((TILE, TILE), Image.Resampling.NEAREST)
-            canvas.paste(tile, (column * TILE, row * (TILE + GAP)))
+    _paste_row(canvas, images, order[:count], 0, 0)
+    _paste_row(canvas, images, order[::-1][:count], 0, TILE + GAP)
     return canvas
 
 
@@ -50,9 +58,7 @@ def overview(images: np.ndarray, labels: np.ndarray, confidence: np.ndarray, num
         top = cluster * (TILE + GAP)
         pen.text((4, top + TILE // 2 - 6), str(cluster), fill=(0, 0, 0))
         members = np.flatnonzero(labels == cluster)
-        if len(members):
-            confident_row = cluster_montage(images, confidence, members, count).crop((0, 0, count * TILE, TILE))
-            canvas.paste(confident_row, (MARGIN, top))
+        _paste_row(canvas, images, _by_confidence(confidence, members)[:count], MARGIN, top)
     return canvas
 
 
@@ -103,6 +109,14 @@ def agreement_chart(matrix: list[list[float]]) -> bytes:
         axes.figure.colorbar(image, ax=axes)
 
     return _figure_png(draw, (4, 3.4))
+
+
+def label_set_charts(sizes: list[int], histogram: dict[str, list[float]],
+                     agreement: list[list[float]]) -> dict[str, bytes]:
+    """The report's charts by file stem: cluster sizes, label confidence (``sela.evaluate.confidence_histogram``)
+    and the aligned agreement between heads (H, H)."""
+    return {"cluster_sizes": cluster_size_chart(sizes), "confidence": confidence_chart(histogram),
+            "head_agreement": agreement_chart(agreement)}
 
 
 def _png(image: Image.Image) -> bytes:

@@ -41,11 +41,8 @@ def evaluate_labels(root: str, params: Params) -> dict[str, Any]:
                                           params.train.num_clusters, params.evaluate)
     (base / EVALUATION).parent.mkdir(parents=True, exist_ok=True)
     (base / EVALUATION).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    charts = {
-        "cluster_sizes": report.cluster_size_chart(metrics["cluster_sizes"]),
-        "confidence": report.confidence_chart(metrics["confidence_histogram"]),
-        "head_agreement": report.agreement_chart(metrics["head_agreement"]["agreement"]),
-    }
+    charts = report.label_set_charts(metrics["cluster_sizes"], metrics["confidence_histogram"],
+                                     metrics["head_agreement"]["agreement"])
     table = {name: metrics[name] for name in SCALARS if name in metrics}
     files = report.write_report(base / REPORT_DIR, "sela label set", shards.images, label, confidence,
                                 params.train.num_clusters, table, charts, params.evaluate.montage_images)
