@@ -16,7 +16,8 @@ from sela.train import compute_logits, solve_heads
 
 @dataclass
 class FinalLabels:
-    """Balanced labels of every head. labels (num_heads, N) int64, confidence (num_heads, N) float32.
+    """Balanced labels of every head. labels (num_heads, N) int64, confidence (num_heads, N) float32: the network's
+    softmax probability of each image's exported label.
 
     objective: per head, the SeLa objective -1/N sum_i log p(label_i | x_i) on un-augmented images (lower is a
     better optimum of the same problem); selected_head: the head chosen by ``export.label_head``.
@@ -38,15 +39,20 @@ def final_labels(model: MultiHeadNet, images: torch.Tensor, params: Params, devi
     # The label set's heads come first; over-clustering heads only served training.
     logits = compute_logits(model, images, params.train, device, augmented=False)[: params.train.num_heads]
     results = solve_heads(logits, params.train, [None] * len(logits))
-    objective = [
-        float(functional.cross_entropy(head_logits.cpu(), torch.from_numpy(result.labels)))
-        for head_logits, result in zip(logits, results, strict=True)
-    ]
+    labels = np.stack([result.labels for result in results])
+    # Confidence is the network's own probability of the exported label, not the sharpened plan's row maximum
+    # (exactly 1.0 for most images once trained): it ranks images, and low values mark the images that balancing
+    # moved away from the network's favourite. Its mean log is minus the head's objective.
+    log_confidence = torch.stack([
+        functional.log_softmax(head_logits.cpu().float(), dim=1).gather(1, torch.from_numpy(head_labels)[:, None])[:, 0]
+        for head_logits, head_labels in zip(logits, labels, strict=True)
+    ])
+    objective = (-log_confidence.mean(dim=1)).tolist()
     choice = params.export.label_head
     selected = int(np.argmin(objective)) if choice == "lowest_loss" else choice
     return FinalLabels(
-        labels=np.stack([result.labels for result in results]),
-        confidence=np.stack([result.confidence for result in results]),
+        labels=labels,
+        confidence=log_confidence.exp().numpy().astype(np.float32),
         objective=objective,
         selected_head=selected,
         diagnostics=[result.diagnostics() for result in results],

@@ -22,8 +22,8 @@ MARGIN = 40  # px left of each overview row, for the cluster number
 
 def _by_confidence(confidence: np.ndarray, members: np.ndarray) -> np.ndarray:
     """members (M,) ordered from most to least confident."""
-    # Ties are broken in a fixed random order: sharpened Sinkhorn plans give most images a confidence of exactly
-    # 1.0, and breaking ties by row showed the first images in key order (on CIFAR-10: airplanes in every row).
+    # Ties are broken in a fixed random order: saturated confidences (1.0 in float32) would otherwise show the first
+    # images in key order (on CIFAR-10, with the plan's row maximum as confidence: airplanes in every row).
     tie_break = np.random.default_rng(0).permutation(len(members))
     return members[np.lexsort((tie_break, -confidence[members]))]
 

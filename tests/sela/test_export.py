@@ -1,12 +1,14 @@
 """Export: balanced labels of every head, the head chosen by the SeLa objective, metrics of that head."""
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
 from sela.config import load_params
 from sela.export import align_to_parent, final_labels, label_metrics
 from sela.models import MultiHeadNet
+from sela.train import compute_logits
 from tests.conftest import PROJECT_ROOT
 
 SCALES = (1.0, 5.0, 0.2)  # head 1 is the most decisive about the same partition: the lowest objective
@@ -39,6 +41,18 @@ def test_lowest_loss_selects_the_most_decisive_head():
     assert final.labels.shape == (3, 300) and final.confidence.shape == (3, 300)
     assert final.selected_head == 1 and final.objective[1] < min(final.objective[0], final.objective[2])
     assert label_metrics(final, truth, 10)["acc"] == 1.0
+
+
+def test_confidence_is_the_networks_probability_of_the_exported_label():
+    params, model, images, _ = setup("lowest_loss")
+    final = final_labels(model, images, params, torch.device("cpu"))
+    logits = compute_logits(model, images, params.train, torch.device("cpu"), augmented=False)
+    for head in range(3):
+        expected = torch.softmax(logits[head].float(), dim=1)[torch.arange(300), final.labels[head]]
+        np.testing.assert_allclose(final.confidence[head], expected.numpy(), rtol=1e-5)
+        assert final.objective[head] == pytest.approx(-np.log(final.confidence[head]).mean(), rel=1e-5)
+    # The sharpened plan's row maximum would be ~1.0 for every image here; the network's probability is not.
+    assert final.confidence[0].max() < 0.95 and final.confidence[1].min() > final.confidence[0].max()
 
 
 def test_fixed_head_is_respected_and_scored():
