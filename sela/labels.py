@@ -13,7 +13,8 @@ def label_table(keys: list[str], labels: np.ndarray, confidence: np.ndarray, sel
     """keys (N,), labels (num_heads, N) int, confidence (num_heads, N) float -> table with one row per image.
 
     Columns: ``key``, ``label`` and ``confidence`` (the selected head's: what most users want), then
-    ``label_head_<h>`` (int32) and ``confidence_head_<h>`` (float32) for every head.
+    ``label_head_<h>`` (int32) and ``confidence_head_<h>`` (float32) for every head. Confidence is whatever the
+    caller passes; the pipeline's export passes the network's probability of each label (``sela.export``).
     """
     if labels.shape != confidence.shape or labels.shape[1] != len(keys):
         raise ValueError(f"shape mismatch: {len(keys)} keys, labels {labels.shape}, confidence {confidence.shape}")
