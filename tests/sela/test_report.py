@@ -36,7 +36,7 @@ def test_montage_puts_most_confident_first_and_least_confident_last():
 def test_montage_breaks_confidence_ties_at_random_not_by_row():
     images, labels, confidence = synthetic()
     images[:, :, :, 2] = np.arange(len(images), dtype=np.uint8)[:, None, None]  # blue = row index
-    confidence[:] = 1.0  # a sharpened plan: most rows tie at the top
+    confidence[:] = 1.0  # saturated confidences: every row ties at the top
     members = np.flatnonzero(labels == 2)
     first = np.asarray(cluster_montage(images, confidence, members, 4))
     shown = sorted(first[32, 32::64, 2])
