@@ -14,7 +14,9 @@
    count (the learning-rate and relabel schedules need it) is refitted after every epoch from the speed of the
    last ten, and training stops early if the budget would be exceeded anyway.
 4. Scores, never having trained on the test split: the exported 10-way head (``export.label_head``) predicting the
-   test images (argmax: ACC/NMI/ARI), the label set of the train split (Sinkhorn-balanced, as exported), and the
+   test images (ACC/NMI/ARI), by the network's argmax and by the label set's rule (``export.predict_labels``: the
+   argmax shifted by the cluster potentials that balanced the train split; the test images are not balanced among
+   themselves), the label set of the train split (Sinkhorn-balanced, as exported), and the
    weighted kNN of the test images against the train images (k = 50, temperature 0.1, 128-d: the SeLa paper's
    protocol) on the learned features and on the same network at initialisation.
 
@@ -157,6 +159,8 @@ def main() -> None:
     parser.add_argument("--overrides", default="{}", help='JSON of params.yaml overrides, e.g. \'{"train.width": 48}\'')
     parser.add_argument("--device", default="cpu", help="torch device for training and scoring, e.g. cuda")
     parser.add_argument("--report", type=Path, default=None, help="write the label set's visual report here")
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="save the trained checkpoint here (sela.train.save_checkpoint) for later study")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed batch shapes: let cuDNN pick its fastest kernels
@@ -185,6 +189,8 @@ def main() -> None:
     results["kNN initial network"] = {"knn": network_knn(initial, train_split, test_split, params, device)}
     checkpoint, seconds = self_label(params, train_images, args.budget_minutes * 60, train_split.ground_truth,
                                      device, log)
+    if args.checkpoint:
+        train.save_checkpoint(checkpoint, args.checkpoint)
     final = export.final_labels(checkpoint.model, torch.from_numpy(train_split.images), params, device)
     results.update(score(checkpoint.model, final, train_split, test_split, params, device))
     print_table(results, seconds, params, device, log)
@@ -205,13 +211,15 @@ def network_knn(model: torch.nn.Module, train_split: LoadedShards, test_split: L
 def score(model: torch.nn.Module, final: export.FinalLabels, train_split: LoadedShards, test_split: LoadedShards,
           params: Params, device: torch.device) -> dict[str, dict[str, float]]:
     """The exported label set on train, its head's predictions on test, and kNN on the learned features."""
-    head = final.selected_head
-    logits = train.compute_logits(model, torch.from_numpy(test_split.images), params.train, device, augmented=False)
-    predicted = logits[head].argmax(1).cpu().numpy()
+    head, test_images = final.selected_head, torch.from_numpy(test_split.images)
+    logits = train.compute_logits(model, test_images, params.train, device, augmented=False)
+    argmax = logits[head].argmax(1).cpu().numpy()
+    rule = export.predict_labels(model, test_images, final.cluster_potentials, params, device)[head]
     return {
         "sela labels (train)": label_quality(final.labels[head], train_split.ground_truth),
-        "sela head (test)": {**label_quality(predicted, test_split.ground_truth),
+        "sela head (test)": {**label_quality(argmax, test_split.ground_truth),
                              "knn": network_knn(model, train_split, test_split, params, device)},
+        "sela rule (test)": label_quality(rule, test_split.ground_truth),
     }
 
 
@@ -222,7 +230,8 @@ def write_label_report(directory: Path, final: export.FinalLabels, train_split: 
     label, confidence = final.labels[head], final.confidence[head]
     metrics = {"num_images": len(label), "head": head, "mean_confidence": float(confidence.mean()),
                **{f"train {name}": value for name, value in results["sela labels (train)"].items()},
-               **{f"test {name}": value for name, value in results["sela head (test)"].items()}}
+               **{f"test {name}": value for name, value in results["sela head (test)"].items()},
+               **{f"test rule {name}": value for name, value in results["sela rule (test)"].items()}}
     charts = report.label_set_charts(cluster_sizes(label, num_clusters), confidence_histogram(confidence),
                                      head_agreement(final.labels, num_clusters)["agreement"])
     files = report.write_report(directory, "sela on CIFAR-10 (train split)", train_split.images, label, confidence,
@@ -241,12 +250,13 @@ def print_table(results: dict[str, dict[str, float]], seconds: float, params: Pa
         cells = "".join(f"{100 * values[key]:>7.1f}" if key in values else f"{'-':>7}"
                         for key in ("acc", "nmi", "ari", "knn"))
         log(f"{name:<22}{cells}")
-    test, kmeans = results["sela head (test)"], results["k-means pixels"]
-    # The issue's goals: 30 minutes on 2 CPU cores, or at most 8 minutes of training on one H100.
+    test, rule, kmeans = results["sela head (test)"], results["sela rule (test)"], results["k-means pixels"]
+    # The issue's goals: 30 minutes on 2 CPU cores, or at most 8 minutes of training on one H100. The head's ACC
+    # is read by the label set's rule (the labels it would have given these images), the plain argmax beside it.
     acc_goal, knn_goal = (62.0, 78.0) if device.type == "cuda" else (35.0, 50.0)
-    log(f"\nACC {100 * test['acc']:.1f} = {test['acc'] / kmeans['acc']:.2f}x k-means (goal >= {acc_goal}); "
-        f"kNN {100 * test['knn']:.1f} = {test['knn'] / results['kNN pixels']['knn']:.2f}x pixel kNN "
-        f"(goal >= {knn_goal})")
+    log(f"\nACC {100 * rule['acc']:.1f} = {rule['acc'] / kmeans['acc']:.2f}x k-means (label set's rule; argmax "
+        f"{100 * test['acc']:.1f}; goal >= {acc_goal}); kNN {100 * test['knn']:.1f} = "
+        f"{test['knn'] / results['kNN pixels']['knn']:.2f}x pixel kNN (goal >= {knn_goal})")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from sela.align import alignment
 from sela.config import Params
 from sela.metrics import cluster_sizes, label_quality
 from sela.models import MultiHeadNet
+from sela.sinkhorn import assign_labels
 from sela.train import compute_logits, solve_heads
 
 
@@ -20,11 +21,14 @@ class FinalLabels:
     softmax probability of each image's exported label.
 
     objective: per head, the SeLa objective -1/N sum_i log p(label_i | x_i) on un-augmented images (lower is a
-    better optimum of the same problem); selected_head: the head chosen by ``export.label_head``.
+    better optimum of the same problem); selected_head: the head chosen by ``export.label_head``;
+    cluster_potentials (num_heads, K) float64: each head's Sinkhorn cluster potential g, in network output order,
+    with which ``predict_labels`` labels new images by the label set's own rule.
     """
 
     labels: np.ndarray
     confidence: np.ndarray
+    cluster_potentials: np.ndarray
     objective: list[float]
     selected_head: int
     diagnostics: list[dict[str, Any]]
@@ -53,10 +57,27 @@ def final_labels(model: MultiHeadNet, images: torch.Tensor, params: Params, devi
     return FinalLabels(
         labels=labels,
         confidence=log_confidence.exp().numpy().astype(np.float32),
+        cluster_potentials=np.stack([result.log_cluster_potential for result in results]),
         objective=objective,
         selected_head=selected,
         diagnostics=[result.diagnostics() for result in results],
     )
+
+
+def predict_labels(model: MultiHeadNet, images: torch.Tensor, cluster_potentials: np.ndarray, params: Params,
+                   device: torch.device) -> np.ndarray:
+    """Labels of new images uint8 (M, H, W, 3) -> (num_heads, M) int64, in network output order, by the label
+    set's rule: argmax of lambda log p + g, with g (num_heads, K) from ``FinalLabels.cluster_potentials``.
+
+    The images the label set was made from get their exported labels back. Plain argmax of p (the network alone)
+    ignores g, the shift that balanced the clusters on the training images.
+    """
+    logits = compute_logits(model, images, params.train, device, augmented=False)[: len(cluster_potentials)]
+    settings = params.train.sinkhorn
+    # float64 scores where the solve used them; every other storage type scored its labels in float32.
+    storage = "float64" if settings.dtype == "float64" else "float32"
+    return np.stack([assign_labels(head.float().cpu().numpy(), settings.sharpness, potential, storage)
+                     for head, potential in zip(logits, cluster_potentials, strict=True)])
 
 
 def label_metrics(final: FinalLabels, ground_truth: list[str | None], num_clusters: int) -> dict[str, Any]:

@@ -430,6 +430,20 @@ def sinkhorn_knopp(
     )
 
 
+def assign_labels(logits: Any, sharpness: float, log_cluster_potential: Any, storage: Storage = "float32") -> Any:
+    """Labels of new rows under a solved plan's cluster potential: argmax_k lambda (z_ik - max z_i) + g_k.
+
+    logits (M, K), log_cluster_potential (K,) of a ``SinkhornResult`` -> labels (M,) int64. The rule the solver
+    labels its own rows by, computed the same way (the same rows give the same labels, bit for bit): new images are
+    labelled as the balanced label set would have labelled them, without re-balancing them among themselves.
+    """
+    xp = array_namespace(logits)
+    block_dtype = np.dtype(np.float64 if storage == "float64" else np.float32)
+    chunk_rows = min(default_chunk_rows(xp, logits.shape[1], block_dtype.itemsize), max(logits.shape[0], 1))
+    scores = ScoreBlocks(xp, logits, sharpness, block_dtype, chunk_rows)
+    return _labels_confidence_marginals(scores, xp.asarray(log_cluster_potential, dtype=xp.float64))[0]
+
+
 def sharpened_scores(logits: Any, sharpness: float, dtype: Any = np.float32) -> Any:
     """S = lambda * (z - max_k z): log of P^lambda up to a per-row constant. (N, K) -> (N, K) in ``dtype``."""
     xp = array_namespace(logits)

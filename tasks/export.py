@@ -90,6 +90,8 @@ def export_labels(root: str, params: Params) -> dict[str, Any]:
             "final_loss": epochs[-1]["loss"] if epochs else None,
         },
         "sinkhorn": final.diagnostics,
+        # With the checkpoint, labels new images as this set labels its own (sela.export.predict_labels).
+        "cluster_potentials": final.cluster_potentials.tolist(),
     }
     labels.write_card(card, base / CARD)
     (base / METRICS).parent.mkdir(parents=True, exist_ok=True)

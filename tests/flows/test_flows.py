@@ -5,11 +5,16 @@ import json
 import logging
 import subprocess
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
-from sela.config import ParamsError
+from sela import train
+from sela.config import ParamsError, load_params
+from sela.export import predict_labels
+from tasks.images import load_shards
 from tests.conftest import make_project
 
 
@@ -34,6 +39,7 @@ def test_full_flow_publishes_a_pullable_version(prefect_api_url, tmp_path):
     card = json.loads((project / "labels/card.json").read_text())
     assert card["training"] == {"epochs": 3, "relabels": 2, "final_loss": card["training"]["final_loss"]}
     assert 0 <= card["metrics"]["nmi"] <= 1 and card["data_manifest_sha256"]
+    assert_card_relabels_the_published_images(project, card, table)
     assert 0 <= result["evaluation"]["knn_accuracy"] <= 1 and "linear_probe_accuracy" in result["evaluation"]
     assert (project / "reports/labels/report.html").stat().st_size > 0
     assert len(list((project / "reports/labels").glob("cluster_[0-9]*.png"))) == 10
@@ -46,6 +52,19 @@ def test_full_flow_publishes_a_pullable_version(prefect_api_url, tmp_path):
     assert any(name.startswith("transfer-labels") for name in names)
     status = subprocess.run(["git", "status", "--porcelain"], cwd=project, capture_output=True, text=True)
     assert status.stdout.strip() == ""  # the version step left nothing uncommitted
+
+
+def assert_card_relabels_the_published_images(project, card: dict, table) -> None:
+    """The published checkpoint and the card's cluster potentials give the published labels back (the rule a data
+    team applies to new images), head by head in network output order (a first version is not renamed)."""
+    params = load_params(project / "params.yaml")
+    checkpoint = train.load_checkpoint(project / "models/checkpoint.pt", params.train, torch.device("cpu"))
+    images = torch.from_numpy(load_shards(project, params.train.decode_size).images)
+    predicted = predict_labels(checkpoint.model, images, np.asarray(card["cluster_potentials"]), params,
+                               torch.device("cpu"))
+    assert card["cluster_id_alignment"] is None and predicted.shape == (params.train.num_heads, table.num_rows)
+    for head, head_labels in enumerate(predicted):
+        np.testing.assert_array_equal(head_labels, table.column(f"label_head_{head}").to_numpy())
 
 
 def test_bad_parameter_fails_fast_naming_it(prefect_api_url, tmp_path):

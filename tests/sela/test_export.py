@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from sela.config import load_params
-from sela.export import align_to_parent, final_labels, label_metrics
+from sela.export import align_to_parent, final_labels, label_metrics, predict_labels
+from sela.metrics import label_quality
 from sela.models import MultiHeadNet
 from sela.train import compute_logits
 from tests.conftest import PROJECT_ROOT
@@ -53,6 +54,23 @@ def test_confidence_is_the_networks_probability_of_the_exported_label():
         assert final.objective[head] == pytest.approx(-np.log(final.confidence[head]).mean(), rel=1e-5)
     # The sharpened plan's row maximum would be ~1.0 for every image here; the network's probability is not.
     assert final.confidence[0].max() < 0.95 and final.confidence[1].min() > final.confidence[0].max()
+
+
+def test_new_images_are_labelled_by_the_label_sets_rule_not_the_networks_argmax():
+    params, model, images, truth = setup("lowest_loss")
+    with torch.no_grad():
+        model.heads[0].bias[0] = 6.0  # head 0 prefers cluster 0 for every image (4.4 apart): balancing undoes it
+    final = final_labels(model, images, params, torch.device("cpu"))
+    np.testing.assert_array_equal(predict_labels(model, images, final.cluster_potentials, params, torch.device("cpu")),
+                                  final.labels)
+    new_images = images[torch.randperm(300, generator=torch.Generator().manual_seed(0))[:37]]
+    new_truth = new_images[:, 0, :10, 0].argmax(1).tolist()
+    predicted = predict_labels(model, new_images, final.cluster_potentials, params, torch.device("cpu"))
+    logits = compute_logits(model, new_images, params.train, torch.device("cpu"), augmented=False)
+    assert (logits[0].argmax(1) == 0).all()  # the network alone puts every new image in cluster 0
+    assert label_metrics(final, truth, 10)["acc"] == 1.0
+    for head in range(3):  # the label set's rule recovers the classes on 37 images that were never balanced
+        assert label_quality(predicted[head], new_truth)["acc"] == 1.0
 
 
 def test_fixed_head_is_respected_and_scored():

@@ -10,6 +10,7 @@ import pytest
 from sela.sinkhorn import (
     SinkhornMemoryError,
     TorchDistributed,
+    assign_labels,
     required_bytes,
     sinkhorn_knopp,
     transport_plan,
@@ -108,6 +109,20 @@ def test_range_checks_at_stopping_checks_redo_the_stretches_that_left_the_range(
     np.testing.assert_array_equal(to_numpy(optimistic.labels), to_numpy(careful.labels))
     np.testing.assert_allclose(to_numpy(optimistic.log_cluster_potential), to_numpy(careful.log_cluster_potential),
                                rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("storage", ["float32", "float64"])
+def test_assigned_labels_reproduce_the_solved_rows_and_balance_new_ones(xp, storage):
+    # One Zipf-imbalanced population, biased network outputs: solved on 4000 rows, applied to 4000 others.
+    logits = noisy_logits(8000, 20, signal=2.0, seed=6) + np.linspace(0, 1.5, 20, dtype=np.float32)
+    solved, new = xp.asarray(logits[:4000]), xp.asarray(logits[4000:])
+    result = sinkhorn_knopp(solved, 25.0, storage=storage, stop_rule="marginal", tolerance=1e-3)
+    np.testing.assert_array_equal(to_numpy(assign_labels(solved, 25.0, result.log_cluster_potential, storage)),
+                                  to_numpy(result.labels))
+    balanced = np.bincount(to_numpy(assign_labels(new, 25.0, result.log_cluster_potential, storage)), minlength=20)
+    network = np.bincount(to_numpy(xp.argmax(new, axis=1)), minlength=20)
+    assert balanced.min() > 0.75 * 200 and balanced.max() < 1.25 * 200  # the plan's shift carries over
+    assert network.max() > 2 * 200  # while the network's own argmax is far from balanced
 
 
 def test_rejects_fewer_images_than_clusters():
