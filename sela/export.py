@@ -72,6 +72,13 @@ def predict_labels(model: MultiHeadNet, images: torch.Tensor, cluster_potentials
     The images the label set was made from get their exported labels back. Plain argmax of p (the network alone)
     ignores g, the shift that balanced the clusters on the training images.
     """
+    outputs = [head.out_features for head in model.heads]
+    if cluster_potentials.ndim != 2 or not 0 < len(cluster_potentials) <= len(outputs) or any(
+            size != cluster_potentials.shape[1] for size in outputs[: len(cluster_potentials)]):
+        raise ValueError(f"cluster potentials of shape {cluster_potentials.shape} do not fit this network's heads "
+                         f"(outputs {outputs}): the card and the checkpoint must come from the same label set")
+    if images.shape[0] == 0:
+        return np.zeros((len(cluster_potentials), 0), dtype=np.int64)
     logits = compute_logits(model, images, params.train, device, augmented=False)[: len(cluster_potentials)]
     settings = params.train.sinkhorn
     # float64 scores where the solve used them; every other storage type scored its labels in float32.

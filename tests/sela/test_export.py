@@ -73,6 +73,15 @@ def test_new_images_are_labelled_by_the_label_sets_rule_not_the_networks_argmax(
         assert label_quality(predicted[head], new_truth)["acc"] == 1.0
 
 
+def test_potentials_of_another_label_set_are_refused_and_no_images_give_no_labels():
+    params, model, images, _ = setup("lowest_loss")
+    final = final_labels(model, images, params, torch.device("cpu"))
+    for wrong in (final.cluster_potentials[:, :7], np.zeros((4, 10)), final.cluster_potentials[0]):
+        with pytest.raises(ValueError, match="same label set"):
+            predict_labels(model, images, wrong, params, torch.device("cpu"))
+    assert predict_labels(model, images[:0], final.cluster_potentials, params, torch.device("cpu")).shape == (3, 0)
+
+
 def test_fixed_head_is_respected_and_scored():
     params, model, images, truth = setup(2)
     final = final_labels(model, images, params, torch.device("cpu"))
