@@ -14,7 +14,7 @@
    count (the learning-rate and relabel schedules need it) is refitted after every epoch from the speed of the
    last ten, and training stops early if the budget would be exceeded anyway.
 4. Scores, never having trained on the test split: the exported 10-way head (``export.label_head``) predicting the
-   test images (ACC/NMI/ARI), by the network's argmax and by the label set's rule (``export.predict_labels``: the
+   test images (ACC/NMI/ARI), by the network's argmax and by the label set's rule (``export.rule_labels``: the
    argmax shifted by the cluster potentials that balanced the train split; the test images are not balanced among
    themselves), the label set of the train split (Sinkhorn-balanced, as exported), and the
    weighted kNN of the test images against the train images (k = 50, temperature 0.1, 128-d: the SeLa paper's
@@ -214,7 +214,7 @@ def score(model: torch.nn.Module, final: export.FinalLabels, train_split: Loaded
     head, test_images = final.selected_head, torch.from_numpy(test_split.images)
     logits = train.compute_logits(model, test_images, params.train, device, augmented=False)
     argmax = logits[head].argmax(1).cpu().numpy()
-    rule = export.predict_labels(model, test_images, final.cluster_potentials, params, device)[head]
+    rule = export.rule_labels(logits[head : head + 1], final.cluster_potentials[head : head + 1], params)[0]
     return {
         "sela labels (train)": label_quality(final.labels[head], train_split.ground_truth),
         "sela head (test)": {**label_quality(argmax, test_split.ground_truth),

@@ -79,11 +79,14 @@ def predict_labels(model: MultiHeadNet, images: torch.Tensor, cluster_potentials
                          f"(outputs {outputs}): the card and the checkpoint must come from the same label set")
     if images.shape[0] == 0:
         return np.zeros((len(cluster_potentials), 0), dtype=np.int64)
-    logits = compute_logits(model, images, params.train, device, augmented=False)[: len(cluster_potentials)]
+    logits = compute_logits(model, images, params.train, device, augmented=False)
+    return rule_labels(logits[: len(cluster_potentials)], cluster_potentials, params)
+
+
+def rule_labels(logits: list[torch.Tensor], cluster_potentials: np.ndarray, params: Params) -> np.ndarray:
+    """``predict_labels`` from logits already computed: one (M, K) tensor per head -> (num_heads, M) int64."""
     settings = params.train.sinkhorn
-    # float64 scores where the solve used them; every other storage type scored its labels in float32.
-    storage = "float64" if settings.dtype == "float64" else "float32"
-    return np.stack([assign_labels(head.float().cpu().numpy(), settings.sharpness, potential, storage)
+    return np.stack([assign_labels(head.float().cpu().numpy(), settings.sharpness, potential, settings.dtype)
                      for head, potential in zip(logits, cluster_potentials, strict=True)])
 
 

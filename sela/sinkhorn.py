@@ -199,6 +199,11 @@ class ScoreBlocks:
             yield start, block
 
 
+def score_dtype(storage: Storage) -> np.dtype:
+    """Type the scores S are computed in for a kernel stored as ``storage``: float64 for float64, else float32."""
+    return np.dtype(np.float64 if storage == "float64" else np.float32)
+
+
 def default_chunk_rows(xp: Any, num_clusters: int, itemsize: int) -> int:
     """Rows per chunk of the passes over the logits: 4 MiB blocks on CPU (cache-resident, so the ~10 element-wise
     steps of a pass cost one read from memory), 256 MiB on a GPU (few launches)."""
@@ -344,7 +349,7 @@ def sinkhorn_knopp(
     num_rows = int(communicator.all_reduce_sum(xp.asarray([float(local_rows)]))[0])
     if num_rows < num_clusters:
         raise ValueError(f"equipartition needs N >= K (images >= clusters), got N={num_rows} < K={num_clusters}")
-    block_dtype = np.dtype(np.float64 if storage == "float64" else np.float32)
+    block_dtype = score_dtype(storage)
     chunk_rows = min(chunk_rows or default_chunk_rows(xp, num_clusters, block_dtype.itemsize), max(local_rows, 1))
     stability_bound = stability_bound or STABILITY_BOUND[storage]
     needed = required_bytes(local_rows, num_clusters, storage, chunk_rows=chunk_rows)
@@ -438,7 +443,7 @@ def assign_labels(logits: Any, sharpness: float, log_cluster_potential: Any, sto
     labelled as the balanced label set would have labelled them, without re-balancing them among themselves.
     """
     xp = array_namespace(logits)
-    block_dtype = np.dtype(np.float64 if storage == "float64" else np.float32)
+    block_dtype = score_dtype(storage)
     chunk_rows = min(default_chunk_rows(xp, logits.shape[1], block_dtype.itemsize), max(logits.shape[0], 1))
     scores = ScoreBlocks(xp, logits, sharpness, block_dtype, chunk_rows)
     return _labels_confidence_marginals(scores, xp.asarray(log_cluster_potential, dtype=xp.float64))[0]
