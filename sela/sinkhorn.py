@@ -347,8 +347,7 @@ def sinkhorn_knopp(
     communicator = communicator or SingleProcess()
     local_rows, num_clusters = logits.shape
     num_rows = int(communicator.all_reduce_sum(xp.asarray([float(local_rows)]))[0])
-    if num_rows < num_clusters:
-        raise ValueError(f"equipartition needs N >= K (images >= clusters), got N={num_rows} < K={num_clusters}")
+    _check_inputs(xp, logits, num_rows, check_every, warm_start)
     block_dtype = score_dtype(storage)
     chunk_rows = min(chunk_rows or default_chunk_rows(xp, num_clusters, block_dtype.itemsize), max(local_rows, 1))
     stability_bound = stability_bound or STABILITY_BOUND[storage]
@@ -371,7 +370,8 @@ def sinkhorn_knopp(
     verified = (iteration, u, v, column)  # the last iterate whose scalings were seen in range
     while iteration < max_iterations:
         iteration += 1
-        checking = iteration % check_every == 1 % check_every  # iterations 1, 11, 21, ...: the paper's schedule
+        # Iterations 1, 11, 21, ...: the paper's schedule; and the last, so that no iterate is returned unchecked.
+        checking = iteration % check_every == 1 % check_every or iteration == max_iterations
         official_check = checking and stop_rule == "official"
         v_next = target / column
         # A careful iteration tests v before the pass (v is identical on every rank): a pass over an out-of-range
@@ -433,6 +433,22 @@ def sinkhorn_knopp(
         rollbacks=rollbacks,
         column_marginal_error=float(xp.max(xp.abs(plan_column / target - 1.0))),
     )
+
+
+def _check_inputs(xp: Any, logits: Any, num_rows: int, check_every: int, warm_start: Any | None) -> None:
+    """Refuse what would fail later under a misleading name (a division by zero, "Sinkhorn diverged")."""
+    num_clusters = logits.shape[1]
+    if not 1 <= num_clusters <= num_rows:
+        raise ValueError(f"equipartition needs 1 <= K <= N (clusters, images), got K={num_clusters}, N={num_rows}")
+    if check_every < 1:
+        raise ValueError(f"check_every must be >= 1, got {check_every}")
+    if warm_start is not None and np.shape(warm_start) != (num_clusters,):
+        raise ValueError(f"warm_start must be a log cluster potential of shape ({num_clusters},), got "
+                         f"{np.shape(warm_start)}")
+    # NaN or +inf: a network that diverged (-inf is a probability of 0, which the plan handles).
+    bad = int(xp.sum(~(logits < xp.inf)))
+    if bad:
+        raise ValueError(f"logits hold {bad} NaN or +inf values: the network's outputs are not usable")
 
 
 def assign_labels(logits: Any, sharpness: float, log_cluster_potential: Any, storage: Storage = "float32") -> Any:

@@ -12,10 +12,12 @@ share of each row's dot product with v (v in shared memory), and the block reduc
 shared memory) to u_r = 1 / (E v)_r; each thread then adds u_r E_rk into its own column accumulators, in registers,
 from the same registers: E is read from memory once, with no atomics. Each block writes its accumulators once and one
 reduction over blocks gives u^T E. R is chosen so that R x (chunks a thread) stays near 16 loads of 16 bytes, which
-keeps the kernel within 128 registers (no spills on sm_90); K beyond 8192 (K % 8 == 0) or 4096 (otherwise) falls back
-to ``fused_rows``: one warp a row, column partials in shared memory updated with shared atomics, several times
-slower. bfloat16 is stored as uint16 bit patterns and decoded by a shift or a mask (CuPy's bfloat16 support is
-experimental); float16 is decoded with ``cvt.f32.f16``. Accumulation is float32, u is written in float64.
+keeps the kernel within 128 registers (no spills on sm_90). K beyond 8192 (K % 8 == 0) or 4096 (otherwise) does not
+fit the tiles: up to K = 6144 it falls back to ``fused_rows`` (one warp a row, column partials in shared memory
+updated with shared atomics, several times slower; v and the partials, 2 K floats, fill 48 KiB of shared memory at
+6144), and a larger K is refused (float32 storage, through cuBLAS, has no such limit). bfloat16 is stored as uint16
+bit patterns and decoded by a shift or a mask (CuPy's bfloat16 support is experimental); float16 is decoded with
+``cvt.f32.f16``. Accumulation is float32, u is written in float64.
 """
 
 from typing import Any
@@ -213,7 +215,7 @@ def tile_config(num_clusters: int) -> tuple[int, int, int] | None:
     """(Vec, Groups, Rows) of the tiled kernel for K clusters, or None where K needs the row kernel."""
     vec = 8 if num_clusters % 8 == 0 else 1  # 16-byte loads need every row 16-byte aligned
     groups = max(1, -(-(num_clusters // vec) // _THREADS))
-    if groups > _MAX_GROUPS[vec] or num_clusters * 4 > _SHARED_LIMIT:
+    if groups > _MAX_GROUPS[vec]:  # v (K floats) then fits in shared memory too
         return None
     return vec, groups, max(1, min(_MAX_ROWS, _CHUNK_BUDGET[vec] // groups))
 
