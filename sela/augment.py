@@ -1,7 +1,8 @@
 """The paper's augmentations, applied to whole batches of tensors (CPU or GPU) instead of one PIL image at a time.
 
-RandomResizedCrop, ColorJitter(b, c, s, h), RandomGrayscale(0.2), horizontal flip and ImageNet normalisation,
-each drawn independently per image. Batched so that a 2-core machine is not bound by per-image Python work.
+RandomResizedCrop, ColorJitter(s, s, s, min(s, 0.5)) with s = ``color_jitter``, RandomGrayscale(p) with
+p = ``grayscale_probability``, horizontal flip and ImageNet normalisation, each drawn independently per image.
+Batched so that a 2-core machine is not bound by per-image Python work.
 """
 
 import functools
@@ -91,7 +92,10 @@ def _rotate_hue(images: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
 
 
 def color_jitter(images: torch.Tensor, strength: float, uniforms: _Uniforms) -> torch.Tensor:
-    """Brightness, contrast, saturation in [1-s, 1+s] and hue in [-s/2, s/2] turns... capped at 0.5 (B,3,H,W)."""
+    """Brightness, contrast and saturation factors in [1-s, 1+s], then a hue shift in [-h, h] turns, h = min(s, 0.5).
+
+    torchvision's ColorJitter(s, s, s, h), but in this fixed order and clamped to [0, 1] once at the end. (B,3,H,W).
+    """
     if strength == 0:
         return images
 

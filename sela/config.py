@@ -103,7 +103,9 @@ class TrainParams(Section):
         max_length=4, description="widths of the Linear + BatchNorm + ReLU layers the heads share on top of the "
         "backbone; the learned features (kNN, probe) are read before them")
     epochs: PositiveInt
-    batch_size: PositiveInt
+    batch_size: PositiveInt = Field(
+        ge=2, description="images per SGD step; at least 2: BatchNorm cannot train on one (train_epoch skips such "
+        "batches, so a size of 1 would train on nothing)")
     learning_rate: PositiveFloat
     momentum: float = Field(ge=0, lt=1)
     weight_decay: float = Field(ge=0)
@@ -169,7 +171,7 @@ class TransferParams(Section):
     architecture: Literal["small_cnn", "small_resnet", "resnet18"]
     width: PositiveInt
     epochs: PositiveInt
-    batch_size: PositiveInt
+    batch_size: PositiveInt = Field(ge=2, description="at least 2, as train.batch_size: the same train_epoch runs it")
     learning_rate: PositiveFloat
     holdout_fraction: float = Field(gt=0, lt=1, description="images never trained on; agreement is measured there")
 

@@ -166,8 +166,8 @@ def render_html(title: str, metrics: dict[str, Any], glance: bytes, charts: dict
 
 def write_report(directory: Path, title: str, images: np.ndarray, labels: np.ndarray, confidence: np.ndarray,
                  num_clusters: int, metrics: dict[str, Any], charts: dict[str, bytes], count: int) -> list[Path]:
-    """Write ``clusters.png`` (``overview``), ``cluster_<k>.png`` per cluster, ``<chart>.png`` per chart and
-    ``report.html`` into ``directory``.
+    """Write ``clusters.png`` (``overview``), ``cluster_<k:03d>.png`` per cluster (``cluster_007.png``),
+    ``<chart>.png`` per chart and ``report.html`` into ``directory``.
 
     images uint8 (N, H, W, 3), labels (N,) in 0..num_clusters-1, confidence (N,). Returns the files written.
     The directory is replaced: a montage of a cluster that no longer exists must not linger.

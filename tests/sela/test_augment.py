@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sela.augment import augment, center, normalise, to_float
+from sela.augment import IMAGENET_MEAN, IMAGENET_STD, augment, center, normalise, to_float
 from sela.config import AugmentParams
 
 
@@ -15,6 +15,15 @@ def params(**changes) -> AugmentParams:
 
 def images(count: int = 6, size: int = 16) -> torch.Tensor:
     return torch.randint(0, 256, (count, size, size, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+
+
+def unnormalise(out: torch.Tensor) -> torch.Tensor:
+    """Normalised (B, 3, H, W) -> the augmented image in [0, 1]."""
+    return out * torch.tensor(IMAGENET_STD)[None, :, None, None] + torch.tensor(IMAGENET_MEAN)[None, :, None, None]
+
+
+# Images per statistical test: a drawn fraction's binomial std is sqrt(p (1 - p) / COUNT), 0.009 at p = 0.2.
+COUNT = 2000
 
 
 def test_identity_settings_reproduce_the_centre_view():
@@ -44,6 +53,66 @@ def test_paper_augmentations_are_seeded_and_vary_per_image():
     assert first.shape == (16, 3, 12, 12)
     torch.testing.assert_close(first, second)
     assert not torch.allclose(first[:8], first[8:])  # the same image, augmented differently
+
+
+def test_grayscale_fraction_matches_its_probability():
+    # Random colours: equal channels can only come from the grayscale step.
+    out = unnormalise(augment(images(COUNT, 8), params(grayscale_probability=0.2), 8, torch.Generator().manual_seed(4)))
+    gray = (out.amax(dim=1) - out.amin(dim=1)).amax(dim=(1, 2)) < 1e-4
+    assert abs(gray.float().mean().item() - 0.2) < 0.04  # 4.5 binomial std (0.009)
+
+
+def test_flip_fraction_matches_its_probability():
+    # A left-to-right ramp, whose mirror runs right to left. Not 0.5: a flip drawn with 1 - p must fail too.
+    ramp = torch.arange(8, dtype=torch.uint8) * 32 + 16
+    batch = ramp[None, None, :, None].expand(COUNT, 8, 8, 3).contiguous()
+    out = augment(batch, params(flip_probability=0.3), 8, torch.Generator().manual_seed(5))
+    mirrored = out[:, 0, 0, 0] > out[:, 0, 0, -1]
+    view = center(batch, 8)
+    torch.testing.assert_close(out, torch.where(mirrored[:, None, None, None], view.flip(-1), view), atol=1e-4, rtol=0)
+    assert abs(mirrored.float().mean().item() - 0.3) < 0.045  # 4.4 binomial std (0.0102)
+
+
+def crop_extents(scale: tuple[float, float], side: int = 64, size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Width and height (COUNT,) of each crop as fractions of the image, read back from coordinate ramps.
+
+    Red is 4 x + 2 and green 4 y + 2 at pixel (x, y): bilinear resampling keeps a ramp linear, so the first and
+    last output columns (rows) give the input coordinates of their pixel centres, (size - 1) / size of the crop apart.
+    """
+    coordinate = torch.arange(side, dtype=torch.uint8) * 4 + 2
+    batch = torch.zeros(COUNT, side, side, 3, dtype=torch.uint8)
+    batch[..., 0] = coordinate[None, None, :]
+    batch[..., 1] = coordinate[None, :, None]
+    settings = params(crop_scale_min=scale[0], crop_scale_max=scale[1])
+    pixel = (unnormalise(augment(batch, settings, size, torch.Generator().manual_seed(6))) * 255 - 2) / 4
+    width = (pixel[:, 0, 0, -1] - pixel[:, 0, 0, 0]) / side * size / (size - 1)
+    height = (pixel[:, 1, -1, 0] - pixel[:, 1, 0, 0]) / side * size / (size - 1)
+    return width, height
+
+
+def test_crop_areas_and_aspect_ratios_span_their_ranges():
+    width, height = crop_extents((0.2, 0.6))
+    area, ratio = width * height, width / height
+    # The smallest crop (0.39 of the side) keeps every sample inside the image: only float rounding is left.
+    assert area.min() >= 0.2 - 1e-3 and area.max() <= 0.6 + 1e-3
+    assert area.min() < 0.21 and area.max() > 0.59  # drawn over the whole range, not pinned to one end
+    assert ratio.min() >= 3 / 4 - 1e-3 and ratio.max() <= 4 / 3 + 1e-3
+    assert ratio.min() < 0.76 and ratio.max() > 1.32
+
+
+def test_crop_scale_one_keeps_the_whole_image():
+    width, height = crop_extents((1.0, 1.0))
+    torch.testing.assert_close(width, torch.ones(COUNT), atol=1e-3, rtol=0)
+    torch.testing.assert_close(height, torch.ones(COUNT), atol=1e-3, rtol=0)
+
+
+def test_brightness_factor_lies_within_the_jitter_strength():
+    # A uniform grey is its own mean and its own grey, with zero hue: contrast, saturation and hue leave it alone.
+    grey = torch.full((COUNT, 8, 8, 3), 100, dtype=torch.uint8)
+    out = unnormalise(augment(grey, params(color_jitter=0.4), 8, torch.Generator().manual_seed(7)))
+    factor = out.mean(dim=(1, 2, 3)) / (100 / 255)
+    assert factor.min() >= 0.6 - 1e-4 and factor.max() <= 1.4 + 1e-4
+    assert factor.min() < 0.61 and factor.max() > 1.39  # drawn over the whole range
 
 
 def test_normalise_uses_imagenet_statistics():

@@ -1,5 +1,8 @@
 """params.yaml validation: the project's own file loads; unknown, missing and bad values are named."""
 
+import operator
+import re
+
 import pytest
 import yaml
 
@@ -65,3 +68,11 @@ def test_views_larger_than_the_decoded_image_are_rejected(key):
     with pytest.raises(ParamsError, match=f"train: .*decode_size={decode_size} is smaller"):
         parse_params(raw_params(), {key: decode_size + 1})
     assert parse_params(raw_params(), {key: decode_size}).train.decode_size == decode_size
+
+
+@pytest.mark.parametrize("key", ["train.batch_size", "transfer.batch_size"])
+def test_batch_size_of_one_is_rejected(key):
+    # BatchNorm cannot train on one image: train_epoch would skip every batch, then divide by zero images seen.
+    with pytest.raises(ParamsError, match=re.escape(key) + ": Input should be greater than or equal to 2"):
+        parse_params(raw_params(), {key: 1})
+    assert operator.attrgetter(key)(parse_params(raw_params(), {key: 2})) == 2
