@@ -3,7 +3,8 @@
 A source is chosen by the ``shard.source`` parameter (see ``list_source``):
 
 - ``"digits"``: scikit-learn's embedded 8x8 digits (1797 images, 10 classes), rendered as PNG;
-- a folder, local or remote (``s3://``, ``gs://``, ``memory://``, ... through fsspec): every file, recursively;
+- a folder, local or remote (``s3://``, ``gs://``, ``memory://``, ... through fsspec): every file, recursively
+  (local links followed, a link back to a folder above it listed as an unreadable file);
 - a ``.tar`` / ``.tar.gz`` / ``.tgz`` archive (local or remote): every regular member;
 - a glob (``photos/**/*.jpg``, ``s3://bucket/2026-*/*.png``): the matching files, relative to the part before the
   first wildcard;
@@ -21,6 +22,7 @@ import functools
 import io
 import os
 import re
+import stat
 import tarfile
 import unicodedata
 from bisect import bisect_left
@@ -290,15 +292,20 @@ def _folder_files(source: str, filesystem: fsspec.AbstractFileSystem, root: str)
     return files
 
 
-def _local_folder_runs(prefix: str, root: str, folder: str = "") -> Iterator[list[SourceFile]]:
+def _local_folder_runs(
+    prefix: str, root: str, folder: str = "", ancestors: frozenset[tuple[int, int]] = frozenset()
+) -> Iterator[list[SourceFile]]:
     """The files under ``root/folder`` in key order, as runs: the files of one folder that sort between two of its
-    sub-folders, each run yielded as soon as its folder is listed (see ``folder_runs``).
+    sub-folders, each run yielded as soon as its folder is listed (see ``folder_runs``). ``ancestors``: (device,
+    inode) of the folders above ``folder`` in this listing, which a link must not lead back to.
 
     A sub-folder's keys all start with its key prefix ('<folder key>/<name key>/'), which no file key of this
     folder starts with: its files form one block that sorts where that prefix sorts among this folder's keys.
     Sub-folders whose names are equal after NFC share a prefix: their files are listed together and sorted whole.
     """
-    names, subfolders = _scan(root, folder)
+    folder_stat = os.stat(f"{root}/{folder}" if folder else root)
+    ancestors = ancestors | {(folder_stat.st_dev, folder_stat.st_ino)}
+    names, subfolders = _scan(root, folder, ancestors)
     files = _sorted_by_key(_folder_files_of(prefix, root, folder, names))
     keys = [file.key for file in files]
     blocks: dict[str, list[str]] = {}
@@ -311,9 +318,9 @@ def _local_folder_runs(prefix: str, root: str, folder: str = "") -> Iterator[lis
             yield files[position:cut]
             position = cut
         if len(members) == 1:
-            yield from _local_folder_runs(prefix, root, members[0])
+            yield from _local_folder_runs(prefix, root, members[0], ancestors)
         else:
-            runs = chain.from_iterable(_local_folder_runs(prefix, root, member) for member in members)
+            runs = chain.from_iterable(_local_folder_runs(prefix, root, member, ancestors) for member in members)
             if block := sorted(chain.from_iterable(runs)):
                 yield block
     if position < len(files):
@@ -345,17 +352,33 @@ _nfc = functools.partial(unicodedata.normalize, "NFC")
 _new_source_file = functools.partial(tuple.__new__, SourceFile)
 
 
-def _scan(root: str, folder: str) -> tuple[list[str], list[str]]:
-    """(names of the regular files, relative POSIX paths of the sub-folders) of ``root/folder`` (scandir: no stat
-    per file, unreadable files kept)."""
+def _scan(root: str, folder: str, ancestors: frozenset[tuple[int, int]]) -> tuple[list[str], list[str]]:
+    """(names of the files, relative POSIX paths of the sub-folders) of ``root/folder`` (scandir: no stat per
+    file, unreadable files kept); a link counts as what ``_link_kind`` says, ``ancestors`` holding this folder."""
     names, folders = [], []
     with os.scandir(f"{root}/{folder}" if folder else root) as entries:
         for entry in entries:
-            if entry.is_file():  # first: one call per file (a link to a folder is neither)
+            # A link first: is_file raises on a link in a loop, and a link to a folder may lead back up.
+            kind = _link_kind(entry, ancestors) if entry.is_symlink() else None
+            if kind == "file" or kind is None and entry.is_file():
                 names.append(entry.name)
-            elif entry.is_dir(follow_symlinks=False):
+            elif kind == "folder" or kind is None and entry.is_dir(follow_symlinks=False):
                 folders.append(f"{folder}/{entry.name}" if folder else entry.name)
     return names, folders
+
+
+def _link_kind(entry: os.DirEntry[str], ancestors: frozenset[tuple[int, int]]) -> str:
+    """``"folder"`` for a link to a folder outside ``ancestors``: followed. ``"file"`` for a link to a file, and for
+    a broken link, a link in a loop or one back to a folder in ``ancestors`` (followed, it would list that folder
+    forever): the ingest worker cannot read those, so it quarantines them with the reason. ``"other"`` for a link
+    to a pipe, socket or device, skipped like those (opening a pipe waits for a writer)."""
+    try:
+        target = entry.stat()
+    except OSError:
+        return "file"
+    if stat.S_ISDIR(target.st_mode):
+        return "file" if (target.st_dev, target.st_ino) in ancestors else "folder"
+    return "file" if stat.S_ISREG(target.st_mode) else "other"
 
 
 def _glob_files(source: str) -> list[SourceFile]:

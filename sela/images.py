@@ -33,6 +33,9 @@ except ImportError as error:  # optional in the package build (a registry-only i
 # Formats accepted (Pillow format name -> nothing); anything else Pillow can open (ICO, PSD, PPM, EPS, ...) is
 # quarantined as unsupported: uncommon in photo collections, and some decode through external programs.
 SUPPORTED_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "TIFF", "WEBP")
+# Pillow names a camera's multi-picture JPEG (more JPEG frames after the first, indexed in an APP2 marker) "MPO";
+# every decoder reads only its first frame, a plain JPEG, so it is judged and kept or re-encoded as one.
+_FORMAT_ALIASES = {"MPO": "JPEG"}
 # Originals kept byte for byte when nothing needs converting; the shard field is named after the real format.
 _KEPT_AS_IS = {"JPEG": "jpg", "PNG": "png"}
 _EXIF_ORIENTATION = 0x0112
@@ -120,6 +123,7 @@ def _inspect_jpeg(data: bytes, sha256: str, limits: ImageLimits) -> Inspected | 
 def _decoded(data: bytes, sha256: str, limits: ImageLimits) -> Inspected:
     with Image.open(io.BytesIO(data)) as opened:
         image_format = opened.format or "unknown"
+        image_format = _FORMAT_ALIASES.get(image_format, image_format)
         if image_format not in SUPPORTED_FORMATS:
             return Inspected(sha256, f"unsupported format: {image_format}")
         width, height = opened.size

@@ -1,7 +1,8 @@
 """Streaming reader for training: shards -> shuffled, decoded batches, split by DDP rank and loader worker.
 
 Each rank reads a disjoint set of shards (``urls[rank::world_size]``), each of its loader workers a disjoint
-subset of those, in a shard order reshuffled every pass, through a sample shuffle buffer. Ranks hold different
+subset of those, in a shard order reshuffled every pass, through a sample shuffle buffer; shard and sample order
+come from (``seed``, epoch, rank, worker), so epochs differ and each is reproducible. Ranks hold different
 numbers of samples when shards do not divide evenly, and DDP hangs or crashes when one rank runs out of batches
 first, so every rank cycles through its shards and stops after the same count: ``batches_per_rank`` =
 ``N // (world_size * batch_size)``, about one pass over the data per epoch. Random access (a relabel pass that
@@ -47,7 +48,10 @@ class StreamSettings:
 
 
 class ShardStream:
-    """Iterable of ``Batch`` for one rank: exactly ``len(self)`` batches per epoch on every rank."""
+    """Iterable of ``Batch`` for one rank: exactly ``len(self)`` batches per epoch on every rank.
+
+    Each ``iter()`` is one epoch and advances ``epoch``; set it before iterating to resume at a given epoch.
+    """
 
     def __init__(self, output_dir: str | Path, settings: StreamSettings) -> None:
         if not 0 <= settings.rank < settings.world_size:
@@ -68,18 +72,21 @@ class ShardStream:
                 f"{total} samples give no full batch of {settings.batch_size} on {settings.world_size} ranks"
             )
         self.settings = settings
+        self.epoch = 0
 
     def __len__(self) -> int:
         return self.batches_per_rank
 
     def __iter__(self) -> Iterator[Batch]:
         settings = self.settings
+        seeds = (settings.seed, self.epoch, settings.rank)
+        self.epoch += 1
         pipeline = webdataset.DataPipeline(
             webdataset.SimpleShardList(self.rank_urls),
             webdataset.split_by_worker,
-            partial(_forever_shuffled, seed=settings.seed),
+            partial(_forever_shuffled, seeds=seeds),
             shard_records,
-            webdataset.shuffle(settings.shuffle_buffer, initial=settings.shuffle_buffer, seed=settings.seed)
+            partial(_buffer_shuffled, buffer_size=settings.shuffle_buffer, seeds=seeds)
             if settings.shuffle_buffer > 0
             else _identity,
             partial(_decoded_batches, image_size=settings.image_size, batch_size=settings.batch_size),
@@ -88,13 +95,27 @@ class ShardStream:
         return islice(iter(loader), self.batches_per_rank)
 
 
-def _forever_shuffled(shards: Iterable[dict[str, str]], seed: int) -> Iterator[dict[str, str]]:
-    """This worker's shards again and again, in a new order each pass (same order for the same seed)."""
+def _worker_seed(seeds: tuple[int, int, int]) -> int:
+    """One seed for (seed, epoch, rank) and the loader worker running this, read here since workers start later."""
+    worker = torch.utils.data.get_worker_info()
+    worker_id = 0 if worker is None else worker.id
+    return int(np.random.SeedSequence((*seeds, worker_id)).generate_state(1)[0])
+
+
+def _forever_shuffled(shards: Iterable[dict[str, str]], seeds: tuple[int, int, int]) -> Iterator[dict[str, str]]:
+    """This worker's shards again and again, in a new order each pass (same orders for the same seeds)."""
     items = list(shards)
-    generator = random.Random(seed)
+    generator = random.Random(_worker_seed(seeds))
     while True:
         generator.shuffle(items)
         yield from items
+
+
+def _buffer_shuffled(
+    samples: Iterable[dict[str, object]], buffer_size: int, seeds: tuple[int, int, int]
+) -> Iterator[dict[str, object]]:
+    """``samples`` mixed through a buffer of ``buffer_size``, in an order fixed by ``seeds`` and the loader worker."""
+    yield from webdataset.shuffle(buffer_size, initial=buffer_size, seed=_worker_seed(seeds))(iter(samples))
 
 
 def _identity(samples: Iterable[dict[str, object]]) -> Iterator[dict[str, object]]:

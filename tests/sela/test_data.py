@@ -20,6 +20,7 @@ from sela.data import (
     list_source,
     unescape_key,
 )
+from sela.images import ImageLimits, WorkBatch, inspect_batch
 from tests.conftest import write_folder
 
 
@@ -241,6 +242,32 @@ def test_folder_runs_stream_the_listing_in_key_order_where_files_and_folders_int
     assert list(itertools.chain.from_iterable(runs)) == listing.files == sorted(listing.files)
     assert sorted(file.source_path for file in listing.files) == sorted(f"{root}/{name}" for name in names)
     assert folder_runs(str(root / "a" / "x.png")) is None and folder_runs("digits") is None
+
+
+def test_every_link_in_a_folder_ends_as_a_sample_or_a_quarantine_line(tmp_path: Path) -> None:
+    # A link to a folder is followed, its files keyed under the link's name. A broken link, a link to itself and
+    # a link back to a folder being listed (followed, it would list that folder forever) are listed as files that
+    # the ingest worker cannot read, so it quarantines them with the reason.
+    root = write_folder(tmp_path / "images", {"cats/a.png": encode((1, 2, 3), "PNG")})
+    elsewhere = write_folder(tmp_path / "elsewhere", {"b.png": encode((4, 5, 6), "PNG")})
+    (root / "dogs").symlink_to(elsewhere)
+    (root / "broken.png").symlink_to(tmp_path / "gone.png")
+    (root / "itself").symlink_to(root / "itself")
+    (root / "cats" / "up").symlink_to(root)
+
+    listing = list_source(str(root), 32)
+    keys = [file.key for file in listing.files]
+    batch = WorkBatch([file.locator for file in listing.files], keys, str(tmp_path / "batch.bin"))
+    reasons = inspect_batch(batch, ImageLimits(min_side=2, max_side=64)).reasons
+
+    assert list(zip(keys, reasons, strict=True)) == [
+        ("broken_2epng", "unreadable: No such file or directory"),
+        ("cats/a_2epng", None),
+        ("cats/up", "unreadable: Is a directory"),
+        ("dogs/b_2epng", None),
+        ("itself", "unreadable: Too many levels of symbolic links"),
+    ]
+    assert listing.files[3].source_path == f"{root}/dogs/b.png" and listing.files[3].ground_truth == "dogs"
 
 
 @pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P"])

@@ -101,3 +101,23 @@ def test_the_scaled_jpeg_check_rejects_what_a_full_size_decode_rejects() -> None
             assert (reason is not None and reason.startswith("corrupt image: ")) == rejected, (options, reason)
             checked += rejected
     assert checked > 30  # most copies are damaged: the comparison covered rejections, not only clean files
+
+
+@pytest.mark.parametrize("orientation", [1, 6])  # 1: kept as it is; 6: turned upright, so re-encoded
+def test_a_multi_picture_jpeg_is_accepted_as_its_first_frame_like_the_same_jpeg(orientation: int) -> None:
+    # Cameras write MPO files (JPEG frames one after another, indexed in an APP2 marker) with EXIF, which sends
+    # them past the JPEG fast path to Pillow.
+    rng = np.random.default_rng(orientation)
+    first, second = (Image.fromarray(rng.integers(0, 256, size=(12, 16, 3), dtype=np.uint8)) for _ in range(2))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    multi_picture, single = io.BytesIO(), io.BytesIO()
+    first.save(multi_picture, format="MPO", save_all=True, append_images=[second], exif=exif)
+    first.save(single, format="JPEG", exif=exif)
+    assert Image.open(multi_picture).format == "MPO"
+
+    result, as_jpeg = inspect_image(multi_picture.getvalue(), LIMITS), inspect_image(single.getvalue(), LIMITS)
+
+    assert (result.reason, result.width, result.height, result.extension) == (None, 16, 12, "jpg")
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(result.image))),
+                          np.asarray(Image.open(io.BytesIO(as_jpeg.image))))

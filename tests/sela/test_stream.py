@@ -52,3 +52,20 @@ def test_streamed_pixels_match_the_indexed_read(shard_dir: Path) -> None:
 def test_more_readers_than_shards_raise(shard_dir: Path) -> None:
     with pytest.raises(ValueError, match="8 shards cannot feed 4 ranks x 3 loader workers"):
         ShardStream(shard_dir, settings(0, 4, 3))
+
+
+@pytest.mark.parametrize("shuffle_buffer", [0, 8])
+def test_each_epoch_reorders_the_samples_and_a_fresh_stream_repeats_the_epochs(
+    shard_dir: Path, shuffle_buffer: int
+) -> None:
+    # Batches of 2 on one rank: 19 batches, exactly one pass over the 38 samples per epoch.
+    epoch_settings = StreamSettings(image_size=IMAGE_SIZE, batch_size=2, shuffle_buffer=shuffle_buffer, seed=0,
+                                    rank=0, world_size=1, num_workers=0)
+    stream = ShardStream(shard_dir, epoch_settings)
+    first, second = ([key for batch in stream for key in batch.keys] for _ in range(2))
+
+    assert first != second
+    if shuffle_buffer == 0:  # a buffer lets the next shard pass's samples in before this one's last ones
+        assert sorted(first) == sorted(second) == sorted(read_shards(shard_dir, IMAGE_SIZE).keys)
+    fresh = ShardStream(shard_dir, epoch_settings)
+    assert [[key for batch in fresh for key in batch.keys] for _ in range(2)] == [first, second]
