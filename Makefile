@@ -54,7 +54,8 @@ run: serve
 stop:
 	@scripts/prefect-serve.sh stop; scripts/prefect-server.sh stop $(PORT)
 
-repro: setup
+# The stages' flow runs report to the project's server (PREFECT_API_URL above), which must be up for them.
+repro: server
 	source $(BIN)/activate && dvc repro
 
 lint: setup

@@ -18,6 +18,10 @@ from tasks.environment import device_name
 from tasks.images import load_shards
 from tasks.paths import CARD, CHECKPOINT, CLUSTER_SIZES, LABELS, METRICS, SHARD_DIR
 
+# What made the label set: its data, its training, its export rule and its version naming (evaluate and transfer
+# only read it). dvc.yaml's export stage lists the same sections, so DVC reruns export when one of them changes.
+CARD_PARAMS = ("shard", "train", "export", "version")
+
 
 def code_version(root: str) -> str:
     """Commit of the code that made the labels, '+dirty' when sela/, tasks/ or flows/ have local edits."""
@@ -79,7 +83,8 @@ def export_labels(root: str, params: Params) -> dict[str, Any]:
     metrics = export.label_metrics(final, shards.ground_truth, params.train.num_clusters)
     epochs = [entry for entry in checkpoint.history if entry["kind"] == "epoch"]
     card = {
-        "params": params.model_dump(mode="json"),
+        # The sections the export stage declares in dvc.yaml: a change to any other leaves this card as it was.
+        "params": params.model_dump(mode="json", include=set(CARD_PARAMS)),
         "data_manifest_sha256": manifest_hash(base / SHARD_DIR),
         "metrics": metrics,
         "code_version": code_version(root),
