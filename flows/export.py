@@ -6,14 +6,15 @@ from prefect import flow
 
 from flows.common import resolve
 from sela.config import ParamsOverrides
-from tasks.export import export_labels
+from tasks.export import export_labels, fetch_parent_label_set
 
 
 @flow(name="export")
 def export_flow(root: str = ".", overrides: ParamsOverrides | None = None) -> dict[str, Any]:
     """Final balanced labels of every head, written for data teams."""
     root, params = resolve(root, overrides)
-    return export_labels(root, params)
+    parent = fetch_parent_label_set(root, params)  # the newest version, whose cluster ids this one keeps
+    return export_labels(root, params, parent)
 
 
 if __name__ == "__main__":

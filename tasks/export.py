@@ -2,9 +2,11 @@
 
 import json
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
 import torch
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
@@ -55,29 +57,51 @@ def cluster_sizes_csv(sizes: list[list[int]]) -> str:
     return "\n".join(rows) + "\n"
 
 
-def _align_to_parent(root: str, final: export.FinalLabels, keys: list[str], params: Params) -> tuple[
-        export.FinalLabels, dict[str, Any]]:
-    """Keep cluster ids stable: rename clusters to match the latest published version (none before the first)."""
+@task(name="fetch-parent-label-set", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+def fetch_parent_label_set(root: str, params: Params) -> dict[str, str] | None:
+    """The newest published version's label set, whose cluster ids a new version keeps, copied to a temporary
+    parquet file: {"tag", "path"}; None before the first version. Reads git and DVC's cache or remote: retried."""
     parent = latest_label_set(root, params.version.tag_prefix)
     if parent is None:
-        return final, {"parent_version": None, "cluster_id_alignment": None}
+        return None
     tag, table = parent
+    handle, path = tempfile.mkstemp(prefix="sela-parent-", suffix=".parquet")
+    with open(handle, "wb") as file:
+        table.to_parquet(file, index=False)
+    return {"tag": tag, "path": path}
+
+
+def _align_to_parent(final: export.FinalLabels, keys: list[str], parent: dict[str, str] | None,
+                     num_clusters: int) -> tuple[export.FinalLabels, dict[str, Any]]:
+    """Keep cluster ids stable: rename clusters to match the parent version (none before the first)."""
+    if parent is None:
+        return final, {"parent_version": None, "cluster_id_alignment": None}
+    tag, table = parent["tag"], pq.read_table(parent["path"]).to_pandas()
     heads = sorted(int(name.removeprefix("label_head_")) for name in table.columns if name.startswith("label_head_"))
     parent_labels = [table[f"label_head_{head}"].to_numpy() for head in heads]
     aligned, report = export.align_to_parent(final, keys, table["key"].tolist(), parent_labels,
-                                             table["label"].to_numpy(), params.train.num_clusters)
+                                             table["label"].to_numpy(), num_clusters)
     return aligned, {"parent_version": tag, "cluster_id_alignment": report}
 
 
-@task(name="export-labels", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)
-def export_labels(root: str, params: Params) -> dict[str, Any]:
-    """Write labels/labels.parquet, labels/card.json and metrics/labels.json. Returns the metrics."""
+@task(name="export-labels", cache_policy=NO_CACHE)
+def export_labels(root: str, params: Params, parent: dict[str, str] | None) -> dict[str, Any]:
+    """Write labels/labels.parquet, labels/card.json and metrics/labels.json, cluster ids aligned to ``parent``
+    (``fetch_parent_label_set``, whose temporary file is removed, whatever happens). Returns the metrics."""
+    try:
+        return _export_labels(root, params, parent)
+    finally:
+        if parent is not None:
+            Path(parent["path"]).unlink(missing_ok=True)
+
+
+def _export_labels(root: str, params: Params, parent: dict[str, str] | None) -> dict[str, Any]:
     base, device = Path(root), torch.device(device_name())
     shards = load_shards(base, params.train.decode_size)
     checkpoint = train.load_checkpoint(base / CHECKPOINT, params.train, device)
     images = torch.from_numpy(shards.images)
     final = export.final_labels(checkpoint.model, images, params, device)
-    final, parent = _align_to_parent(root, final, shards.keys, params)
+    final, lineage = _align_to_parent(final, shards.keys, parent, params.train.num_clusters)
     table = labels.label_table(shards.keys, final.labels, final.confidence, final.selected_head)
     labels.write_label_set(table, base / LABELS)
     metrics = export.label_metrics(final, shards.ground_truth, params.train.num_clusters)
@@ -88,7 +112,7 @@ def export_labels(root: str, params: Params) -> dict[str, Any]:
         "data_manifest_sha256": manifest_hash(base / SHARD_DIR),
         "metrics": metrics,
         "code_version": code_version(root),
-        **parent,
+        **lineage,
         "training": {
             "epochs": checkpoint.epoch,
             "relabels": sum(entry["kind"] == "relabel" for entry in checkpoint.history),

@@ -7,6 +7,8 @@ its DVC cache is then deleted, so everything the consumer gets comes from the DV
 import json
 import shutil
 import subprocess
+import tempfile
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -66,6 +68,7 @@ def test_cards_chain_versions_and_keep_cluster_ids_stable(published):
     clone, versions = published
     cards = [show_card(str(clone), tag) for tag, _, _ in versions]
     assert [card["parent_version"] for card in cards] == [None, "labels-v1", "labels-v2"]
+    assert not list(Path(tempfile.gettempdir()).glob("sela-parent-*.parquet"))  # each parent's copy was removed
     assert cards[2]["params"]["train"]["num_clusters"] == 12 and cards[0]["data_manifest_sha256"]
     for card in cards[1:]:
         for head in card["cluster_id_alignment"]:
