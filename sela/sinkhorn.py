@@ -373,7 +373,8 @@ def sinkhorn_knopp(
         # Iterations 1, 11, 21, ...: the paper's schedule; and the last, so that no iterate is returned unchecked.
         checking = iteration % check_every == 1 % check_every or iteration == max_iterations
         official_check = checking and stop_rule == "official"
-        v_next = target / column
+        with np.errstate(divide="ignore"):  # an empty column gives inf: out of range, so the step stabilises
+            v_next = target / column
         # A careful iteration tests v before the pass (v is identical on every rank): a pass over an out-of-range
         # v would only be thrown away.
         accepted = not careful or bool(_out_of_range(xp, v_next, stability_bound) == 0)
