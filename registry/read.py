@@ -148,14 +148,15 @@ def read_file(repo: str, version: str | int, path: str, prefix: str = DEFAULT_PR
     return tag, _read_at(repo, tag, path)
 
 
-def latest_label_set(repo: str, prefix: str = DEFAULT_PREFIX) -> tuple[str, pd.DataFrame] | None:
-    """(tag, label set) of the newest version, or None before the first one: the parent a new version aligns to."""
+def latest_label_set(repo: str, prefix: str = DEFAULT_PREFIX) -> tuple[str, bytes] | None:
+    """(tag, label set's parquet bytes) of the newest version, or None before the first one: the parent a new
+    version aligns to."""
     with git_view(repo) as view:
         tags = _tags(view, prefix)
     if not tags:
         return None
     tag = tags[-1][1]
-    return tag, pq.read_table(io.BytesIO(_read_at(repo, tag, LABELS))).to_pandas()
+    return tag, _read_at(repo, tag, LABELS)
 
 
 def show_card(repo: str, version: str | int = "latest", prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:

@@ -64,10 +64,10 @@ def fetch_parent_label_set(root: str, params: Params) -> dict[str, str] | None:
     parent = latest_label_set(root, params.version.tag_prefix)
     if parent is None:
         return None
-    tag, table = parent
+    tag, data = parent
     handle, path = tempfile.mkstemp(prefix="sela-parent-", suffix=".parquet")
     with open(handle, "wb") as file:
-        table.to_parquet(file, index=False)
+        file.write(data)  # the published bytes as they are
     return {"tag": tag, "path": path}
 
 
