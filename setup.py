@@ -1,4 +1,4 @@
-"""The one compiled part of sela, the ingest's strict JPEG check (``sela/_jpeg.c``, against the system's libjpeg);
+"""The one compiled part of sela, the ingest's strict JPEG check (``sela/data/_jpeg.c``, against the system's libjpeg);
 everything else about the package is in pyproject.toml.
 
 It needs a C compiler and libjpeg's headers (Debian: gcc, libjpeg-dev). Optional in the build, so that a
@@ -8,4 +8,4 @@ build it, and ``make setup`` fails if it did not build.
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("sela._jpeg", ["sela/_jpeg.c"], libraries=["jpeg"], optional=True)])
+setup(ext_modules=[Extension("sela.data._jpeg", ["sela/data/_jpeg.c"], libraries=["jpeg"], optional=True)])

@@ -2,9 +2,9 @@
 
     python benchmarks/digits_quality.py --seeds 0 1 2 3
 
-Trains with the pipeline's own core (sela.train / sela.export, no Prefect) once per seed, on the same shards the
-pipeline writes, and prints NMI / ACC / ARI of the evaluation head next to k-means on raw pixels (k = num_clusters,
-n_init = 10), plus the ratio. The ground truth (digit classes) is used only here, for scoring.
+Trains with the pipeline's own core (sela.learn.train / sela.labels.export, no Prefect) once per seed, on the same
+shards the pipeline writes, and prints NMI / ACC / ARI of the evaluation head next to k-means on raw pixels
+(k = num_clusters, n_init = 10), plus the ratio. The ground truth (digit classes) is used only here, for scoring.
 """
 
 import argparse
@@ -19,11 +19,12 @@ import torch
 from sklearn.cluster import KMeans
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from sela import export, train  # noqa: E402
 from sela.config import load_params  # noqa: E402
-from sela.ingest import ingest  # noqa: E402
-from sela.metrics import label_quality  # noqa: E402
-from sela.shards import read_shards  # noqa: E402
+from sela.data.ingest import ingest  # noqa: E402
+from sela.data.shards import read_shards  # noqa: E402
+from sela.labels import export  # noqa: E402
+from sela.labels.metrics import label_quality  # noqa: E402
+from sela.learn import train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 

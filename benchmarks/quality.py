@@ -9,7 +9,7 @@
    it is scored on at ``train.eval_image_size``).
 2. Baselines on the test split: k-means on raw pixels (k = 10, n_init = 3: ACC/NMI/ARI) and weighted kNN on raw
    pixels (128-d random projection, train split as reference).
-3. Self-labels the train split with the pipeline's core (``sela.train``: params.yaml plus the CIFAR-10 overrides
+3. Self-labels the train split with the pipeline's core (``sela.learn.train``: params.yaml plus the CIFAR-10 overrides
    below, and the GPU ones on a GPU; no Prefect) for as many epochs as fit in ``--budget-minutes``: the epoch
    count (the learning-rate and relabel schedules need it) is refitted after every epoch from the speed of the
    last ten, and training stops early if the budget would be exceeded anyway.
@@ -38,12 +38,13 @@ import torch
 from sklearn.cluster import KMeans
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from sela import export, report, train  # noqa: E402
 from sela.config import Params, load_params  # noqa: E402
-from sela.evaluate import compute_features, confidence_histogram, head_agreement, knn_predict, project  # noqa: E402
-from sela.ingest import ingest  # noqa: E402
-from sela.metrics import cluster_sizes, encode, label_quality  # noqa: E402
-from sela.shards import LoadedShards, read_shards  # noqa: E402
+from sela.data.ingest import ingest  # noqa: E402
+from sela.data.shards import LoadedShards, read_shards  # noqa: E402
+from sela.labels import export, report  # noqa: E402
+from sela.labels.evaluate import compute_features, confidence_histogram, head_agreement, knn_predict, project  # noqa: E402
+from sela.labels.metrics import cluster_sizes, encode, label_quality  # noqa: E402
+from sela.learn import train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 # What differs from the embedded default (1,797 digits): the paper's flip (mirrored digits are other digits;
@@ -160,7 +161,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="torch device for training and scoring, e.g. cuda")
     parser.add_argument("--report", type=Path, default=None, help="write the label set's visual report here")
     parser.add_argument("--checkpoint", type=Path, default=None,
-                        help="save the trained checkpoint here (sela.train.save_checkpoint) for later study")
+                        help="save the trained checkpoint here (sela.learn.train.save_checkpoint) for later study")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed batch shapes: let cuDNN pick its fastest kernels
@@ -225,7 +226,7 @@ def score(model: torch.nn.Module, final: export.FinalLabels, train_split: Loaded
 
 def write_label_report(directory: Path, final: export.FinalLabels, train_split: LoadedShards,
                        results: dict[str, dict[str, float]], params: Params) -> Path:
-    """The pipeline's report (``sela.report``) of the train split's exported label set. Returns the HTML page."""
+    """The pipeline's report (``sela.labels.report``) of the train split's exported label set. Returns the HTML page."""
     head, num_clusters = final.selected_head, params.train.num_clusters
     label, confidence = final.labels[head], final.confidence[head]
     metrics = {"num_images": len(label), "head": head, "mean_confidence": float(confidence.mean()),

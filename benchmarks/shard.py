@@ -3,18 +3,18 @@
     python benchmarks/shard.py --archive ../shared/datasets/cifar10/train.tar.gz --workers 2
 
 1. Extracts the archive to a temporary folder (not timed).
-2. Ingest: ``tar -cf`` of the folder (the disk-speed baseline), then ``sela.ingest`` of the same folder with full
+2. Ingest: ``tar -cf`` of the folder (the disk-speed baseline), then ``sela.data.ingest`` of the same folder with full
    decode-validation on ``--workers`` processes, ``--repeats`` times in turn (each ingest into a new folder);
    prints images/s of each, ingest/tar of each pair and their median (goal >= 0.5), and the ingest's CPU time per
    image in the main process (listing, routing, shard writes) and in the decode workers.
-3. The JPEG check alone, on the folder's first 10,000 JPEGs in memory: ``sela._jpeg.check`` (one reused libjpeg
+3. The JPEG check alone, on the folder's first 10,000 JPEGs in memory: ``sela.data._jpeg.check`` (one reused libjpeg
    decompressor: header, EXIF and strict 1/8-scale decode in one call) against the two ``simplejpeg`` calls the
    ingest made before it (header, then a strict decode at 1/8 scale, a TurboJPEG decompressor created per call).
-4. Read: the shards streamed into training batches (``sela.stream.ShardStream``) against torchvision's
+4. Read: the shards streamed into training batches (``sela.data.stream.ShardStream``) against torchvision's
    ``ImageFolder`` + ``DataLoader`` on the extracted folder, same batch size and worker count, images to uint8
    tensors: stock (its default PIL loader + ``PILToTensor``: what the goal stream/ImageFolder >= 1.5 is measured
    against) and, to show what the file layout alone is worth, with the stream's own decoder
-   (``sela.data.decode_image``) as its loader.
+   (``sela.data.sources.decode_image``) as its loader.
 
 Both sides of each ratio run on a warm page cache (the extraction just wrote the files). On a shared machine the
 figures move with the load of other processes: compare ratios, not absolute rates. A pair takes under two seconds,
@@ -37,11 +37,13 @@ import torch
 import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from sela import _jpeg  # noqa: E402
 from sela.config import ShardParams  # noqa: E402
-from sela.data import decode_image  # noqa: E402
-from sela.ingest import ingest  # noqa: E402
-from sela.stream import ShardStream, StreamSettings  # noqa: E402
+from sela.data.ingest import ingest  # noqa: E402
+from sela.data.sources import (
+    _jpeg,  # noqa: E402
+    decode_image,  # noqa: E402
+)
+from sela.data.stream import ShardStream, StreamSettings  # noqa: E402
 
 
 def folder_root(extracted: Path) -> Path:
@@ -82,7 +84,7 @@ def time_ingest(folder: Path, output: Path, args: argparse.Namespace) -> tuple[f
 
 
 def time_jpeg_check(folder: Path, count: int = 10_000, rounds: int = 3) -> tuple[float, float, int]:
-    """(us of CPU per image for ``sela._jpeg.check``, the same for simplejpeg's header + strict 1/8-scale
+    """(us of CPU per image for ``sela.data._jpeg.check``, the same for simplejpeg's header + strict 1/8-scale
     decode, images): the best of ``rounds`` passes over the first ``count`` JPEGs of ``folder``, read first."""
     datas = [path.read_bytes() for path in sorted(folder.rglob("*.jpg"))[:count]]
 
@@ -202,7 +204,7 @@ def main() -> None:
               f"({', '.join(f'{ratio:.2f}' for ratio in ratios)}; goal >= 0.5); "
               f"from CPU time on idle cores: median {np.median(cpu_ratios):.2f}x")
         if checked:
-            print(f"JPEG check, CPU per image over {checked} JPEGs: sela._jpeg {compiled_cost:.1f} us, simplejpeg "
+            print(f"JPEG check, CPU per image over {checked} JPEGs: sela.data._jpeg {compiled_cost:.1f} us, simplejpeg "
                   f"header + 1/8 decode {two_calls_cost:.1f} us: {two_calls_cost / compiled_cost:.2f}x faster")
         print(f"stream / ImageFolder: {read_ratio:.2f}x (goal >= 1.5); "
               f"against ImageFolder with the stream's decoder: {layout_ratio:.2f}x")

@@ -1,4 +1,4 @@
-"""Sinkhorn relabel benchmark: the paper's float64 update (written out here) against sela.sinkhorn, same matrix.
+"""Sinkhorn relabel benchmark: the paper's float64 update (written out here) against sela.sinkhorn.solver, same matrix.
 
     python benchmarks/sinkhorn.py --backend numpy --n 200000 --k 1000          # CPU, float32 kernel
     python benchmarks/sinkhorn.py --backend cupy --n 1281167 --k 3000          # one GPU, bfloat16 fused kernel
@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from sela.sinkhorn import sinkhorn_knopp  # noqa: E402
-from sela.sinkhorn_kernels import STORAGE_BYTES  # noqa: E402
+from sela.sinkhorn.kernels import STORAGE_BYTES  # noqa: E402
+from sela.sinkhorn.solver import sinkhorn_knopp  # noqa: E402
 
 DEFAULT_STORAGE = {"numpy": "float32", "cupy": "bfloat16"}
 

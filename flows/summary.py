@@ -4,8 +4,8 @@ import json
 import os
 from pathlib import Path
 
-from registry.publish import latest_version
-from tasks.paths import CARD, EVALUATION, LABELS, METRICS, REPORT_DIR, TRANSFER_METRICS
+from sela.paths import CARD, EVALUATION, LABELS, METRICS, REPORT_DIR, TRANSFER_METRICS
+from sela.registry.publish import latest_version
 
 
 def main(root: Path = Path(".")) -> None:

@@ -7,7 +7,7 @@ from prefect.artifacts import create_progress_artifact, create_table_artifact, u
 
 from flows.common import resolve
 from sela.config import ParamsOverrides
-from sela.train import relabel_epochs
+from sela.learn.train import relabel_epochs
 from tasks.train import relabel, start_training, train_epoch
 
 

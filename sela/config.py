@@ -1,7 +1,8 @@
 """Typed view of ``params.yaml``: one section per pipeline stage, unknown keys rejected by name.
 
 ``params.yaml`` is the only place values are set: these models carry types and bounds, not defaults, so a
-missing key is an error too. Machine settings (device, loader workers) are not parameters: see ``sela.device``.
+missing key is an error too. Machine settings (device, loader workers, process and node counts) are not
+parameters: they are environment variables or command-line options of the entry points.
 """
 
 from pathlib import Path

@@ -10,11 +10,12 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from sela import evaluate, labels, report, train
 from sela.config import Params
+from sela.labels import evaluate, label_set, report
+from sela.learn import train
+from sela.paths import CHECKPOINT, EVALUATION, LABELS, REPORT_DIR
 from tasks.environment import device_name
 from tasks.images import load_shards
-from tasks.paths import CHECKPOINT, EVALUATION, LABELS, REPORT_DIR
 
 SCALARS = ("num_images", "num_clusters", "acc", "nmi", "ari", "knn_accuracy", "linear_probe_accuracy",
            "mean_confidence")
@@ -34,7 +35,7 @@ def evaluate_labels(root: str, params: Params) -> dict[str, Any]:
     base, device = Path(root), torch.device(device_name())
     shards = load_shards(base, params.train.decode_size)
     checkpoint = train.load_checkpoint(base / CHECKPOINT, params.train, device)
-    head_labels, label, confidence = label_columns(labels.read_label_set(base / LABELS), shards.keys)
+    head_labels, label, confidence = label_columns(label_set.read_label_set(base / LABELS), shards.keys)
     images = torch.from_numpy(shards.images)
     features = evaluate.compute_features(checkpoint.model, images, params.train.eval_image_size, device)
     metrics = evaluate.evaluate_label_set(features, head_labels, label, confidence, shards.ground_truth,

@@ -3,8 +3,8 @@
 from functools import lru_cache
 from pathlib import Path
 
-from sela.shards import LoadedShards, manifest_hash, read_shards
-from tasks.paths import SHARD_DIR
+from sela.data.shards import LoadedShards, manifest_hash, read_shards
+from sela.paths import SHARD_DIR
 
 
 @lru_cache(maxsize=2)

@@ -8,9 +8,9 @@ from prefect.artifacts import create_table_artifact
 from tqdm import tqdm
 
 from sela.config import ShardParams
-from sela.ingest import ingest
-from sela.shards import manifest_hash
-from tasks.paths import SHARD_DIR
+from sela.data.ingest import ingest
+from sela.data.shards import manifest_hash
+from sela.paths import SHARD_DIR
 
 # The artifact lists at most this many quarantined files (the parquet report has them all).
 _ARTIFACT_ROWS = 500

@@ -8,11 +8,11 @@ import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from sela import train
 from sela.config import TrainParams
+from sela.learn import inference, train
+from sela.paths import CHECKPOINT
 from tasks.environment import device_name
 from tasks.images import load_shards
-from tasks.paths import CHECKPOINT
 
 
 def load_images(root: str, decode_size: int) -> torch.Tensor:
@@ -29,11 +29,11 @@ def start_training(root: str, params: TrainParams) -> dict[str, Any]:
     parameters = sum(p.numel() for p in checkpoint.model.parameters())
     device = device_name()
     return {"num_images": int(images.shape[0]), "parameters": parameters, "device": device,
-            "native_bfloat16": train.native_bfloat16(torch.device(device))}
+            "native_bfloat16": inference.native_bfloat16(torch.device(device))}
 
 
 def _checkpoint_step(root: str, params: TrainParams, step: Callable[..., dict[str, Any]]) -> dict[str, Any]:
-    """Load the checkpoint, apply one ``sela.train`` step to it, save it: the shape of every training task."""
+    """Load the checkpoint, apply one ``sela.learn.train`` step to it, save it: the shape of every training task."""
     device = torch.device(device_name())
     checkpoint = train.load_checkpoint(Path(root) / CHECKPOINT, params, device)
     summary = step(checkpoint, load_images(root, params.decode_size), params, device)

@@ -8,12 +8,13 @@ import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from sela import evaluate, labels, transfer
 from sela.config import Params
+from sela.labels import evaluate, label_set
+from sela.learn import transfer
+from sela.paths import LABELS, TRANSFER_METRICS, TRANSFER_MODEL
 from tasks.environment import device_name
 from tasks.evaluate import label_columns
 from tasks.images import load_shards
-from tasks.paths import LABELS, TRANSFER_METRICS, TRANSFER_MODEL
 
 
 @task(name="transfer-labels", cache_policy=NO_CACHE)
@@ -21,7 +22,7 @@ def transfer_labels(root: str, params: Params) -> dict[str, Any]:
     """Write models/transfer.pt and metrics/transfer.json; logs each epoch."""
     base, device, logger = Path(root), torch.device(device_name()), get_run_logger()
     shards = load_shards(base, params.train.decode_size)
-    _, label, _ = label_columns(labels.read_label_set(base / LABELS), shards.keys)
+    _, label, _ = label_columns(label_set.read_label_set(base / LABELS), shards.keys)
     images = torch.from_numpy(shards.images)
     settings = params.transfer
     heldout = evaluate.holdout_mask(len(label), settings.holdout_fraction, settings.seed)

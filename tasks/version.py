@@ -1,10 +1,10 @@
-"""Task: record, commit, push and tag the label set with its checkpoint (see ``registry.publish``)."""
+"""Task: record, commit, push and tag the label set with its checkpoint (see ``sela.registry.publish``)."""
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from registry.publish import publish_version
-from tasks.paths import STAGE_OUTPUTS
+from sela.paths import STAGE_OUTPUTS
+from sela.registry.publish import publish_version
 
 
 @task(name="version", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)

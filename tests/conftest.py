@@ -42,7 +42,7 @@ def to_numpy(array):
     return array.get() if hasattr(array, "get") else np.asarray(array)
 
 
-PROJECT_FILES = ["sela", "tasks", "flows", "registry", "params.yaml", "dvc.yaml", ".dvcignore", ".dvc/config",
+PROJECT_FILES = ["sela", "tasks", "flows", "params.yaml", "dvc.yaml", ".dvcignore", ".dvc/config",
                  ".dvc/.gitignore", ".gitignore", "data/.gitignore", "models/.gitignore", "labels/.gitignore"]
 
 TINY_TRAINING = {"train.width": 8, "train.image_size": 16, "train.num_heads": 2, "train.epochs": 3,

@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from sela import train
 from sela.config import ParamsError, load_params
-from sela.export import predict_labels
+from sela.labels.export import predict_labels
+from sela.learn import inference, train
 from tasks.images import load_shards
 from tests.conftest import make_project
 
@@ -131,11 +131,10 @@ def test_shard_flow_reports_quarantined_files_and_duplicates(prefect_api_url, tm
 def test_train_flow_warns_when_bfloat16_would_be_emulated(prefect_api_url, tmp_path, monkeypatch, caplog):
     from flows.shard import shard_flow
     from flows.train import train_flow
-    from sela import train
 
     project = make_project(tmp_path / "project", {"train.epochs": 1, "train.num_relabels": 1})
     shard_flow(root=str(project))
-    monkeypatch.setattr(train, "native_bfloat16", lambda device: False)  # a CPU without AVX512-BF16 or AMX
+    monkeypatch.setattr(inference, "native_bfloat16", lambda device: False)  # a CPU without AVX512-BF16 or AMX
     with caplog.at_level(logging.WARNING, logger="prefect.flow_runs"):
         state = train_flow(root=str(project), return_state=True)
 

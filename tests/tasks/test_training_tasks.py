@@ -2,14 +2,14 @@
 
 from itertools import islice
 
-from sela import train
 from sela.config import load_params
-from sela.data import iter_digit_samples
-from sela.ingest import ingest
-from sela.shards import write_shards
+from sela.data.ingest import ingest
+from sela.data.shards import write_shards
+from sela.data.sources import iter_digit_samples
+from sela.learn import train
+from sela.paths import SHARD_DIR
 from tasks import train as train_tasks
 from tasks.images import load_shards
-from tasks.paths import SHARD_DIR
 from tests.conftest import PROJECT_ROOT, TINY_TRAINING
 
 
