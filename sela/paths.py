@@ -12,3 +12,5 @@ TRANSFER_MODEL = "models/transfer.pt"
 TRANSFER_METRICS = "metrics/transfer.json"
 STAGE_OUTPUTS = [SHARD_DIR, CHECKPOINT, LABELS, CARD, METRICS, CLUSTER_SIZES, REPORT_DIR, EVALUATION, TRANSFER_MODEL,
                  TRANSFER_METRICS]
+# Beside the checkpoint, never versioned: what a crashed or running training needs (epoch logits, lock, progress).
+TRAIN_STATE = "models/train-state"

@@ -2,6 +2,10 @@
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,3 +35,15 @@ def device_name() -> str:
     if requested:
         return requested
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def loader_workers(device: "torch.device") -> int:
+    """``SELA_LOADER_WORKERS`` if set, else: on a CPU one decoding process beside the training step (more steal
+    the step's cores); on a GPU the cores of this node shared by its processes, at most 8."""
+    requested = os.environ.get("SELA_LOADER_WORKERS")
+    if requested:
+        return int(requested)
+    if device.type == "cpu":
+        return 1
+    per_process = len(os.sched_getaffinity(0)) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(8, per_process - 1))

@@ -1,53 +1,105 @@
-"""Tasks: start a run, train one epoch, relabel. Each loads the checkpoint, makes one ``sela`` call, saves it."""
+"""Task: the training run, as ``torchrun`` processes on this node; its progress reported as it goes.
 
+Machine settings are torchrun's own environment variables (``PET_NPROC_PER_NODE``, ``PET_NNODES``,
+``PET_NODE_RANK``, ``PET_RDZV_ENDPOINT``, ``PET_RDZV_ID``, ...; docs/scaling.md), plus ``SELA_DEVICE`` and
+``SELA_LOADER_WORKERS``: never params.yaml. Without a rendezvous endpoint the run is ``--standalone`` on this node.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from prefect import task
+from prefect import get_run_logger, task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
 from sela.config import TrainParams
-from sela.learn import inference, train
-from sela.paths import CHECKPOINT
-from tasks.environment import device_name
-from tasks.images import load_shards
+from sela.learn import inference
+from sela.learn.state import training_lock
+from sela.paths import TRAIN_STATE
+from tasks.environment import PROJECT_ROOT, device_name
+from tasks.train_worker import PARAMS_FILE, PROGRESS_FILE
+
+LOG_FILE = "torchrun.log"
 
 
-def load_images(root: str, decode_size: int) -> torch.Tensor:
-    """All images of the shards as a uint8 (N, decode_size, decode_size, 3) tensor sharing ``load_shards``' array."""
-    return torch.from_numpy(load_shards(root, decode_size).images)
+class TrainingFailedError(RuntimeError):
+    """torchrun ended with an error; the message holds the failing rank's error as torchrun reported it."""
 
 
-@task(name="start-training", cache_policy=NO_CACHE)
-def start_training(root: str, params: TrainParams) -> dict[str, Any]:
-    """Random network and random balanced labels, saved as the epoch-0 checkpoint."""
-    images = load_images(root, params.decode_size)
-    checkpoint = train.new_checkpoint(params, images.shape[0])
-    train.save_checkpoint(checkpoint, Path(root) / CHECKPOINT)
-    parameters = sum(p.numel() for p in checkpoint.model.parameters())
-    device = device_name()
-    return {"num_images": int(images.shape[0]), "parameters": parameters, "device": device,
-            "native_bfloat16": inference.native_bfloat16(torch.device(device))}
+def torchrun_command(root: str) -> list[str]:
+    """``python -m torch.distributed.run [--standalone] --nproc-per-node N -m tasks.train_worker ROOT``."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--max-restarts", "0", "--monitor-interval", "0.5"]
+    if not os.environ.get("PET_RDZV_ENDPOINT"):
+        command.append("--standalone")
+    command += ["--nproc-per-node", os.environ.get("PET_NPROC_PER_NODE", "1")]
+    return [*command, "-m", "tasks.train_worker", root]
 
 
-def _checkpoint_step(root: str, params: TrainParams, step: Callable[..., dict[str, Any]]) -> dict[str, Any]:
-    """Load the checkpoint, apply one ``sela.learn.train`` step to it, save it: the shape of every training task."""
+def launch_training(root: str, params: TrainParams, on_event: Callable[[dict[str, Any]], None],
+                    poll_seconds: float = 0.5) -> list[dict[str, Any]]:
+    """Run torchrun under the state folder's lock, passing rank 0's events to ``on_event`` as they come; returns
+    them all. Raises ``TrainingLockedError`` if a run holds the folder, ``TrainingFailedError`` if a rank fails."""
+    state_dir = Path(root) / TRAIN_STATE
+    with training_lock(state_dir):
+        (state_dir / PARAMS_FILE).write_text(params.model_dump_json())
+        progress = state_dir / PROGRESS_FILE
+        progress.write_text("")
+        events: list[dict[str, Any]] = []
+        with (state_dir / LOG_FILE).open("w") as log:
+            # The ranks run this checkout's code (the one this task imported), wherever ``root`` is.
+            path = os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))
+            process = subprocess.Popen(torchrun_command(root), cwd=root, stdout=log, stderr=subprocess.STDOUT,
+                                       env={**os.environ, "PYTHONPATH": path}, start_new_session=True)
+            with progress.open() as reader:
+                while True:
+                    finished = process.poll() is not None
+                    for line in reader.readlines():
+                        events.append(json.loads(line))
+                        on_event(events[-1])
+                    if finished:
+                        break
+                    time.sleep(poll_seconds)
+        if process.returncode != 0:
+            tail = (state_dir / LOG_FILE).read_text()[-6000:]
+            raise TrainingFailedError(f"training failed (torchrun exit code {process.returncode}); the checkpoint "
+                                      f"keeps the last completed epoch and a rerun resumes there. torchrun:\n{tail}")
+        return events
+
+
+@task(name="train", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
+def train(root: str, params: TrainParams) -> dict[str, Any]:
+    """Train to ``params.epochs``, resuming after the last completed epoch of an interrupted run with the same
+    params and shards (a retry of this task resumes too). Logs every epoch and relabel, updates a progress bar."""
+    logger = get_run_logger()
     device = torch.device(device_name())
-    checkpoint = train.load_checkpoint(Path(root) / CHECKPOINT, params, device)
-    summary = step(checkpoint, load_images(root, params.decode_size), params, device)
-    train.save_checkpoint(checkpoint, Path(root) / CHECKPOINT)
-    return summary
+    if params.precision == "bfloat16" and not inference.native_bfloat16(device):
+        logger.warning("train.precision is bfloat16 but %s has no bfloat16 instructions: it is emulated there and "
+                       "can be slower than float32 (set train.precision: float32 in params.yaml)", device)
+    bar = create_progress_artifact(0.0, key="training-progress", description="epochs done (%)")
 
+    def on_event(event: dict[str, Any]) -> None:
+        if event["kind"] == "epoch":
+            logger.info("epoch %d/%d: loss %.4f, accuracy %.3f, %d images, %.1f s", event["epoch"], event["epochs"],
+                        event["loss"], event["accuracy"], event["images"], event["seconds"])
+            update_progress_artifact(bar, 100.0 * event["epoch"] / event["epochs"])
+        elif event["kind"] == "relabel":
+            logger.info("relabel before epoch %d (%s): head 0 %s", event["epoch"], event["source"], event["heads"][0])
+        else:
+            logger.info("%s", event)
 
-@task(name="relabel", cache_policy=NO_CACHE)
-def relabel(root: str, params: TrainParams) -> dict[str, Any]:
-    """Sinkhorn-Knopp relabel of every head from the current network (CuPy on GPU, numpy on CPU)."""
-    return _checkpoint_step(root, params, train.relabel)
-
-
-@task(name="train-epoch", cache_policy=NO_CACHE)
-def train_epoch(root: str, params: TrainParams) -> dict[str, Any]:
-    """One epoch of SGD on the current labels; the checkpoint is saved after every epoch."""
-    return _checkpoint_step(root, params, train.train_epoch)
+    events = launch_training(root, params, on_event)
+    epochs = [event for event in events if event["kind"] == "epoch"]
+    relabels = [event for event in events if event["kind"] == "relabel"]
+    start = events[0]
+    return {"epochs": epochs[-1]["epoch"] if epochs else start.get("resumed_at_epoch"),
+            "loss": epochs[-1]["loss"] if epochs else None, "relabels_this_run": len(relabels),
+            "resumed_at_epoch": start["resumed_at_epoch"], "start": start["reason"],
+            "world_size": start["world_size"], "relabel_heads_0": [{"epoch": e["epoch"], **e["heads"][0]}
+                                                                     for e in relabels]}

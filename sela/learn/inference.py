@@ -12,7 +12,7 @@ import torch
 from sela.config import SinkhornParams, TrainParams
 from sela.learn.augment import augment, center
 from sela.learn.models import MultiHeadNet, model_layout, to_device
-from sela.sinkhorn.solver import SinkhornResult, sinkhorn_knopp
+from sela.sinkhorn.solver import Communicator, SinkhornResult, sinkhorn_knopp
 
 
 def native_bfloat16(device: torch.device) -> bool:
@@ -64,15 +64,19 @@ def compute_logits(
 
 
 def solve_heads(
-    logits: list[torch.Tensor], params: TrainParams, warm_starts: list[np.ndarray | None]
+    logits: list[torch.Tensor], params: TrainParams, warm_starts: list[np.ndarray | None],
+    communicator: Communicator | None = None,
 ) -> list[SinkhornResult]:
     """Sinkhorn on each head's logits (N, K_h): with CuPy on the logits' GPU (zero-copy DLPack), numpy on CPU.
+
+    With a ``communicator`` (``TorchDistributed``) the logits are this process's rows of a solve sharded by rows
+    over the process group: one all-reduce an iteration, every process ends with the same cluster potentials.
 
     The results' arrays are numpy either way. On a GPU the heads are solved one after the other in one CuPy
     context, and CuPy's memory pool is given back to torch once, after the last head.
     """
     if not logits or not logits[0].is_cuda:
-        return [_solve(head.detach().cpu().numpy(), params.sinkhorn, warm)
+        return [_solve(head.detach().cpu().numpy(), params.sinkhorn, warm, communicator)
                 for head, warm in zip(logits, warm_starts, strict=True)]
     import cupy  # a CUDA device without CuPy is a broken install: fail loudly, never fall back silently
 
@@ -81,7 +85,7 @@ def solve_heads(
     with cupy.cuda.Device(logits[0].device.index):  # CuPy allocates and launches on its *current* device
         for head, warm in zip(logits, warm_starts, strict=True):
             result = _solve(cupy.from_dlpack(head.detach()), params.sinkhorn,
-                            None if warm is None else cupy.asarray(warm))
+                            None if warm is None else cupy.asarray(warm), communicator)
             result.labels = cupy.asnumpy(result.labels)
             result.log_cluster_potential = cupy.asnumpy(result.log_cluster_potential)
             results.append(result)
@@ -89,7 +93,7 @@ def solve_heads(
     return results
 
 
-def _solve(array: Any, settings: SinkhornParams, warm: Any) -> SinkhornResult:
+def _solve(array: Any, settings: SinkhornParams, warm: Any, communicator: Communicator | None) -> SinkhornResult:
     """``sinkhorn_knopp`` with the configured settings, on whichever array namespace ``array`` belongs to."""
     return sinkhorn_knopp(
         array,
@@ -99,4 +103,5 @@ def _solve(array: Any, settings: SinkhornParams, warm: Any) -> SinkhornResult:
         max_iterations=settings.max_iterations,
         storage=settings.dtype,
         warm_start=warm,
+        communicator=communicator,
     )

@@ -1,7 +1,5 @@
-"""Self-labelling training: cross-entropy over all heads on labels that Sinkhorn-Knopp re-derives on a schedule.
-
-The loop itself lives in the orchestrator (one task per epoch and per relabel); this module gives it the pieces:
-a checkpoint that carries everything between steps, one epoch of SGD, one relabel, and the schedule.
+"""Pieces of self-labelling training: the checkpoint, the relabel schedule, the learning rate, the heads' loss, and an
+in-memory epoch on fixed labels (transfer). The loop that streams, relabels and resumes is ``sela.learn.loop``.
 """
 
 import itertools
@@ -16,7 +14,7 @@ import torch.nn.functional as functional
 
 from sela.config import TrainParams
 from sela.learn.augment import augment
-from sela.learn.inference import autocast, compute_logits, solve_heads
+from sela.learn.inference import autocast
 from sela.learn.models import MultiHeadNet, build_model, model_layout, to_device
 
 
@@ -30,8 +28,6 @@ class Checkpoint:
     epoch: int = 0
     cluster_potentials: list[np.ndarray | None] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)
-    # Per head (N, K) float32: the logits the last epoch computed for each image (``relabel_from: last_epoch``).
-    epoch_logits: list[torch.Tensor] | None = None
 
 
 def relabel_epochs(epochs: int, num_relabels: int, power: float) -> list[int]:
@@ -63,8 +59,12 @@ def new_checkpoint(params: TrainParams, num_images: int) -> Checkpoint:
     return Checkpoint(model, optimizer, labels, cluster_potentials=[None] * len(params.head_sizes))
 
 
-def save_checkpoint(checkpoint: Checkpoint, path: Path) -> None:
-    """Write atomically (temp file + rename) so an interrupted write never leaves a torn checkpoint."""
+def save_checkpoint(checkpoint: Checkpoint, path: Path, fingerprint: str | None = None) -> None:
+    """Write atomically (temp file + rename) so an interrupted write never leaves a torn checkpoint.
+
+    ``fingerprint`` (``sela.learn.state.fingerprint``) names the run: a later run resumes from this checkpoint only
+    under the same one. There is no random state to save: every draw is seeded by (seed, epoch, rank, worker), so
+    the epoch is also the stream's position."""
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "model": checkpoint.model.state_dict(),
@@ -73,16 +73,21 @@ def save_checkpoint(checkpoint: Checkpoint, path: Path) -> None:
         "epoch": checkpoint.epoch,
         "cluster_potentials": [None if p is None else torch.from_numpy(p) for p in checkpoint.cluster_potentials],
         "history": checkpoint.history,
-        "epoch_logits": None if checkpoint.epoch_logits is None else [t.cpu() for t in checkpoint.epoch_logits],
+        "fingerprint": fingerprint,
     }
     temporary = path.with_suffix(path.suffix + ".tmp")
     torch.save(payload, temporary)
     temporary.replace(path)
 
 
+def load_payload(path: Path) -> dict[str, Any]:
+    """The saved dictionary of a checkpoint file, on the CPU."""
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
 def load_checkpoint(path: Path, params: TrainParams, device: torch.device) -> Checkpoint:
     """Inverse of ``save_checkpoint``; the model and optimiser state are moved to ``device``."""
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    payload = load_payload(path)
     labels = payload["labels"].numpy()
     checkpoint = new_checkpoint(params, labels.shape[1])
     checkpoint.model.load_state_dict(payload["model"])
@@ -92,7 +97,6 @@ def load_checkpoint(path: Path, params: TrainParams, device: torch.device) -> Ch
     checkpoint.epoch = payload["epoch"]
     checkpoint.cluster_potentials = [None if p is None else p.numpy() for p in payload["cluster_potentials"]]
     checkpoint.history = payload["history"]
-    checkpoint.epoch_logits = payload.get("epoch_logits")
     return checkpoint
 
 
@@ -104,7 +108,8 @@ def learning_rate(params: TrainParams, epoch: int) -> float:
 def train_epoch(
     checkpoint: Checkpoint, images: torch.Tensor, params: TrainParams, device: torch.device
 ) -> dict[str, float]:
-    """One pass of SGD over augmented ``images`` uint8 (N, H, W, 3), on the CPU or already on ``device``.
+    """One pass of SGD over augmented ``images`` uint8 (N, H, W, 3) held in memory, on the CPU or on ``device``:
+    the transfer stage's supervised epochs on fixed labels. Self-labelling streams instead (``sela.learn.loop``).
 
     Returns mean loss, accuracy, lr. The network runs in channels-last layout, its forward pass in
     ``params.precision``. On a GPU, augmentation runs there too, and nothing waits for the GPU before the epoch ends
@@ -118,9 +123,6 @@ def train_epoch(
     targets = torch.from_numpy(checkpoint.labels).to(device)
     # The shuffle is drawn on the CPU (same order on any device), then moved once to where the images are.
     order = torch.randperm(images.shape[0], generator=generator).to(images.device)
-    epoch_logits = None
-    if params.relabel_from == "last_epoch":
-        epoch_logits = torch.zeros(images.shape[0], sum(params.head_sizes), device=device)
     total_loss = torch.zeros((), dtype=torch.float64, device=device)
     total_correct = torch.zeros((), dtype=torch.float64, device=device)
     seen = 0
@@ -133,8 +135,6 @@ def train_epoch(
         batch_targets = targets[:, device_index]
         with autocast(device, params.precision):
             logits = model.joint_logits(batch).float()
-        if epoch_logits is not None:
-            epoch_logits[device_index] = logits.detach()
         loss, correct = heads_cross_entropy(logits, batch_targets, params.head_sizes)
         checkpoint.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -143,10 +143,6 @@ def train_epoch(
         total_correct += correct / len(params.head_sizes)
         seen += len(index)
     checkpoint.epoch += 1
-    # Images skipped above (a remainder of one) keep zero logits: a uniform row, which Sinkhorn handles.
-    # One contiguous (N, K) array a head: what the Sinkhorn kernels read, on a GPU through DLPack.
-    checkpoint.epoch_logits = None if epoch_logits is None else [
-        head.contiguous() for head in epoch_logits.split(params.head_sizes, dim=1)]
     summary = {"epoch": checkpoint.epoch, "loss": total_loss.item() / seen, "accuracy": total_correct.item() / seen,
                "lr": rate}
     checkpoint.history.append({"kind": "epoch", **summary})
@@ -173,32 +169,6 @@ def heads_cross_entropy(
     return loss / len(head_sizes), correct
 
 
-def relabel(
-    checkpoint: Checkpoint, images: torch.Tensor, params: TrainParams, device: torch.device
-) -> dict[str, Any]:
-    """Re-derive the labels of every head, or of the next one in turn (``heads_to_relabel``), by warm-started
-    Sinkhorn, from the current network or from the last epoch's outputs with ``relabel_from: last_epoch`` (the
-    first relabel, before any epoch, makes a pass). Returns diagnostics, one entry per head solved."""
-    if params.relabel_from == "last_epoch" and checkpoint.epoch_logits is not None:
-        logits, source = checkpoint.epoch_logits, "last_epoch"
-    else:
-        logits, source = relabel_logits(checkpoint, images, params, device), "fresh_pass"
-    per_head = []
-    heads = heads_to_relabel(checkpoint, params)
-    results = solve_heads([logits[head].to(device) for head in heads], params,
-                          [checkpoint.cluster_potentials[head] for head in heads])
-    for head, result in zip(heads, results, strict=True):
-        changed = float(np.mean(result.labels != checkpoint.labels[head]))
-        checkpoint.labels[head] = result.labels
-        checkpoint.cluster_potentials[head] = result.log_cluster_potential
-        sizes = np.bincount(result.labels, minlength=params.head_sizes[head])
-        per_head.append({"head": head, **result.diagnostics(), "changed": changed, "min_size": int(sizes.min()),
-                         "max_size": int(sizes.max())})
-    summary = {"epoch": checkpoint.epoch, "source": source, "heads": per_head}
-    checkpoint.history.append({"kind": "relabel", **summary})
-    return summary
-
-
 def heads_to_relabel(checkpoint: Checkpoint, params: TrainParams) -> list[int]:
     """Every head; with ``relabel_heads: one_in_turn``, every head at the first relabel (they start from random
     labels), then one head per relabel in turn: 0, 1, 2, ..."""
@@ -207,17 +177,3 @@ def heads_to_relabel(checkpoint: Checkpoint, params: TrainParams) -> list[int]:
     if params.relabel_heads == "all" or done == 0:
         return list(range(count))
     return [(done - 1) % count]
-
-
-def relabel_logits(
-    checkpoint: Checkpoint, images: torch.Tensor, params: TrainParams, device: torch.device
-) -> list[torch.Tensor]:
-    """A pass of the current network over every image, averaged over ``relabel_views`` augmented views."""
-    views = params.relabel_views if params.relabel_augmented else 1
-    logits: list[torch.Tensor] = []
-    for view in range(views):
-        # Averaging logits over views = averaging log-probabilities (a per-row constant is irrelevant to Sinkhorn).
-        seed = params.seed + checkpoint.epoch + 1_000_003 * view
-        view_logits = compute_logits(checkpoint.model, images, params, device, params.relabel_augmented, seed=seed)
-        logits = view_logits if not logits else [total + new for total, new in zip(logits, view_logits, strict=True)]
-    return [total / views for total in logits]

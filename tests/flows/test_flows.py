@@ -50,7 +50,7 @@ def test_full_flow_publishes_a_pullable_version(prefect_api_url, tmp_path):
     transfer = json.loads((project / "metrics/transfer.json").read_text())
     assert transfer["architecture"] == "small_resnet" and 0 <= transfer["heldout_agreement"] <= 1
     names = asyncio.run(_task_run_names())
-    assert {"epoch-0", "epoch-1", "epoch-2", "relabel-before-epoch-0"} <= set(names)
+    assert any(name.startswith("train-") for name in names)  # one task: the torchrun processes of this node
     assert any(name.startswith("evaluate-labels") for name in names)
     assert any(name.startswith("transfer-labels") for name in names)
     status = subprocess.run(["git", "status", "--porcelain"], cwd=project, capture_output=True, text=True)

@@ -1,0 +1,316 @@
+"""The self-labelling training loop: the one the pipeline, ``dvc repro`` and the benchmarks run.
+
+    relabel (on schedule) -> epoch -> checkpoint -> relabel -> epoch -> checkpoint -> ...
+
+It streams the shards (``sela.data.loader``: every image once an epoch, the same number of steps on every rank),
+runs in one process or in many under ``torchrun`` (DistributedDataParallel; the process group is the caller's), and
+resumes: after every epoch rank 0 writes the checkpoint atomically, each rank keeps its rows of the epoch's logits
+in a memory-mapped file beside it, and a run whose checkpoint matches its ``train`` params and shards (the
+fingerprint) continues at the epoch after the last one completed, ending with the labels an uninterrupted run ends
+with. A relabel solves each head's rows where they were computed (row-sharded Sinkhorn, one all-reduce an
+iteration) and gathers the labels so that every rank holds all N.
+
+Per process, memory grows with N only through per-image vectors: labels (num_heads x N int64), a coverage count,
+and this rank's share of the relabel logits (N / world_size x sum of head sizes float32, memory-mapped).
+"""
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as distributed
+
+from sela.config import TrainParams
+from sela.data.loader import Batch, ShardTable, pass_loader, plan_pass, shard_table
+from sela.data.shards import manifest_hash
+from sela.learn import state
+from sela.learn.augment import augment, center
+from sela.learn.inference import autocast, solve_heads
+from sela.learn.models import MultiHeadNet, model_layout, to_device
+from sela.learn.train import (
+    Checkpoint,
+    heads_cross_entropy,
+    heads_to_relabel,
+    learning_rate,
+    load_payload,
+    new_checkpoint,
+    relabel_epochs,
+    save_checkpoint,
+)
+from sela.sinkhorn.solver import TorchDistributed
+
+Progress = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class Processes:
+    """This process's place in the run: ``rank`` of ``world_size`` (1 without ``torch.distributed``)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @classmethod
+    def current(cls) -> "Processes":
+        if distributed.is_available() and distributed.is_initialized():
+            return cls(distributed.get_rank(), distributed.get_world_size())
+        return cls()
+
+
+@dataclass
+class TrainingRun:
+    """Where a run reads and writes, and the machine settings it runs under (never params)."""
+
+    shard_dir: str
+    checkpoint_path: Path
+    state_dir: Path
+    device: torch.device
+    loader_workers: int
+    progress: Progress | None = None
+    # Benchmarks on a time budget: called after every epoch with the durations so far, returns the epoch count.
+    plan_epochs: Callable[[int, list[float]], int] | None = None
+
+
+def run_training(run: TrainingRun, params: TrainParams) -> Checkpoint:
+    """Train (or resume) to ``params.epochs``; returns the final checkpoint (its labels: every head's, all N)."""
+    processes = Processes.current()
+    table = shard_table(run.shard_dir)
+    identity = state.fingerprint(params, manifest_hash(run.shard_dir))
+    checkpoint, start = _start(run, params, table.num_images, identity, processes)
+    _emit(run, processes, {"kind": "start", **start, "num_images": table.num_images,
+                           "world_size": processes.world_size, "device": str(run.device)})
+    model = to_device(checkpoint.model, run.device)
+    network = _distributed(model, run.device, processes)
+    epoch_rows = state.EpochLogits.load(run.state_dir, checkpoint.epoch, processes.rank, processes.world_size)
+    durations: list[float] = []
+    while checkpoint.epoch < params.epochs:
+        began = time.perf_counter()
+        if checkpoint.epoch in set(relabel_epochs(params.epochs, params.num_relabels, params.relabel_power)):
+            summary = relabel(checkpoint, model, table, params, run, processes, epoch_rows)
+            _emit(run, processes, {"kind": "relabel", **summary})
+        summary, epoch_rows = train_epoch(checkpoint, network, table, params, run, processes)
+        if processes.rank == 0:
+            save_checkpoint(checkpoint, run.checkpoint_path, identity)
+        _barrier(processes)  # every rank's epoch files and the checkpoint are in place before older ones go
+        state.remove_epoch_logits(run.state_dir, processes.rank, checkpoint.epoch)
+        durations.append(time.perf_counter() - began)
+        _emit(run, processes, {"kind": "epoch", **summary, "epochs": params.epochs, "seconds": durations[-1]})
+        if run.plan_epochs is not None:
+            params = params.model_copy(update={"epochs": run.plan_epochs(checkpoint.epoch, durations)})
+    _emit(run, processes, {"kind": "done", "epochs": checkpoint.epoch})
+    return checkpoint
+
+
+def _start(run: TrainingRun, params: TrainParams, num_images: int, identity: str,
+           processes: Processes) -> tuple[Checkpoint, dict[str, Any]]:
+    """A fresh checkpoint, or the saved one if it belongs to this run and is not finished; rank 0 decides and
+    sends the state to every rank (the checkpoint may sit on rank 0's disk alone)."""
+    decision: list[Any] = [None, "no checkpoint"]
+    if processes.rank == 0 and run.checkpoint_path.exists():
+        payload = load_payload(run.checkpoint_path)
+        if payload.get("fingerprint") != identity:
+            decision[1] = "the checkpoint was made with other train params or other shards"
+        elif payload["epoch"] >= params.epochs:
+            decision[1] = f"the checkpoint is of a finished run ({payload['epoch']} epochs)"
+        else:
+            decision = [payload, f"resuming after epoch {payload['epoch']}"]
+    if processes.world_size > 1:
+        distributed.broadcast_object_list(decision, src=0)
+    payload, reason = decision
+    checkpoint = new_checkpoint(params, num_images)
+    if payload is None:
+        state.remove_epoch_logits(run.state_dir, processes.rank, None)
+        return checkpoint, {"resumed_at_epoch": None, "reason": f"starting afresh: {reason}"}
+    checkpoint.model.load_state_dict(payload["model"])
+    to_device(checkpoint.model, run.device)
+    checkpoint.optimizer.load_state_dict(payload["optimizer"])
+    checkpoint.labels = payload["labels"].numpy().copy()
+    checkpoint.epoch = payload["epoch"]
+    checkpoint.cluster_potentials = [None if p is None else p.numpy() for p in payload["cluster_potentials"]]
+    checkpoint.history = payload["history"]
+    return checkpoint, {"resumed_at_epoch": checkpoint.epoch, "reason": reason}
+
+
+class _JointLogits(torch.nn.Module):
+    """What DistributedDataParallel wraps: every head's logits side by side (one product, one gradient bucket)."""
+
+    def __init__(self, model: MultiHeadNet) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.joint_logits(images)
+
+
+def _distributed(model: MultiHeadNet, device: torch.device, processes: Processes) -> torch.nn.Module:
+    network = _JointLogits(model)
+    if processes.world_size == 1:
+        return network
+    device_ids = [device] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(network, device_ids=device_ids)
+
+
+def _augmented(params: TrainParams, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    return augment(images, params.augment, params.image_size, generator)
+
+
+def _whole(params: TrainParams, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    return center(images, params.eval_image_size)
+
+
+def _views(run: TrainingRun, params: TrainParams, augmented: bool) -> tuple[Callable | None, Callable | None]:
+    """(transform for the loader workers, transform on the device): augmentation runs in the workers on a CPU
+    (alongside the step) and on the GPU where there is one (the workers only decode)."""
+    view = partial(_augmented if augmented else _whole, params)
+    return (view, None) if run.device.type == "cpu" else (None, view)
+
+
+def train_epoch(checkpoint: Checkpoint, network: torch.nn.Module, table: ShardTable, params: TrainParams,
+                run: TrainingRun, processes: Processes) -> tuple[dict[str, Any], state.EpochLogits | None]:
+    """One epoch of SGD on the current labels over this rank's share of the stream. Returns the summary (loss,
+    accuracy and images over all ranks) and, with ``relabel_from: last_epoch``, this rank's logits of the epoch."""
+    epoch = checkpoint.epoch
+    plan = plan_pass(table, rank=processes.rank, world_size=processes.world_size, workers=run.loader_workers,
+                     batch_size=params.batch_size, shuffle_seed=params.seed * 100_003 + epoch,
+                     buffer=4 * params.batch_size, seed=params.seed * 100_003 + epoch)
+    in_worker, on_device = _views(run, params, augmented=True)
+    generator = torch.Generator().manual_seed(params.seed * 100_003 + epoch * 1_009 + processes.rank)
+    rate = learning_rate(params, epoch)
+    for group in checkpoint.optimizer.param_groups:
+        group["lr"] = rate
+    targets = torch.from_numpy(checkpoint.labels).to(run.device)
+    rows = None
+    if params.relabel_from == "last_epoch":
+        rows = state.EpochLogits.create(run.state_dir, epoch + 1, processes.rank, processes.world_size,
+                                        plan.num_images, sum(params.head_sizes))
+    seen = np.zeros(table.num_images, dtype=np.int64)
+    totals = torch.zeros(3, dtype=torch.float64, device=run.device)  # loss x images, correct, images
+    position = 0
+    network.train()
+    for batch in pass_loader(plan, params.decode_size, run.loader_workers, in_worker):
+        images = _on_device(batch, run.device, on_device, generator)
+        indices = batch.indices.to(run.device, non_blocking=True)
+        with autocast(run.device, params.precision):
+            logits = network(model_layout(images)).float()
+        loss, correct = heads_cross_entropy(logits, targets[:, indices], params.head_sizes)
+        checkpoint.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        checkpoint.optimizer.step()
+        count = len(batch.indices)
+        totals += torch.stack([loss.detach().double() * count, correct.double() / len(params.head_sizes),
+                               torch.tensor(float(count), dtype=torch.float64, device=run.device)])
+        if rows is not None:
+            rows.logits[position : position + count] = logits.detach().cpu().numpy()
+            rows.indices[position : position + count] = batch.indices.numpy()
+        seen[batch.indices.numpy()] += 1
+        position += count
+    checkpoint.epoch += 1
+    _check_coverage(seen, processes, epoch)
+    totals = _all_reduce(totals, processes)
+    if rows is not None:
+        rows.commit(run.state_dir, checkpoint.epoch, processes.rank, processes.world_size)
+    summary = {"epoch": checkpoint.epoch, "loss": float(totals[0] / totals[2]),
+               "accuracy": float(totals[1] / totals[2]), "images": int(totals[2]), "lr": rate}
+    checkpoint.history.append({"kind": "epoch", **summary})
+    return summary, rows
+
+
+def _on_device(batch: Batch, device: torch.device, view: Callable | None, generator: torch.Generator) -> torch.Tensor:
+    images = batch.images.to(device, non_blocking=True)
+    return images if view is None else view(images, generator)
+
+
+def _check_coverage(seen: np.ndarray, processes: Processes, epoch: int) -> None:
+    """Every image exactly once over all ranks: what the plan promises, checked (one N-vector all-reduce)."""
+    total = _all_reduce(torch.from_numpy(seen), processes).numpy()
+    if not np.all(total == 1):
+        missing, repeated = int(np.sum(total == 0)), int(np.sum(total > 1))
+        raise RuntimeError(f"epoch {epoch}: {missing} images unseen and {repeated} seen twice: the stream's plan "
+                           "is broken")
+
+
+def _all_reduce(tensor: torch.Tensor, processes: Processes) -> torch.Tensor:
+    """Sum over ranks (NCCL reduces on the GPU, gloo on the CPU); the identity in one process."""
+    if processes.world_size == 1:
+        return tensor
+    where = torch.device("cuda", torch.cuda.current_device()) if distributed.get_backend() == "nccl" else None
+    reduced = tensor.to(where) if where is not None else tensor.clone()
+    distributed.all_reduce(reduced)
+    return reduced.to(tensor.device)
+
+
+def _barrier(processes: Processes) -> None:
+    if processes.world_size > 1:
+        distributed.barrier()
+
+
+def relabel(checkpoint: Checkpoint, model: MultiHeadNet, table: ShardTable, params: TrainParams, run: TrainingRun,
+            processes: Processes, epoch_rows: state.EpochLogits | None) -> dict[str, Any]:
+    """Re-derive the labels of the heads due (``heads_to_relabel``) by warm-started, row-sharded Sinkhorn on this
+    rank's rows: the last epoch's logits (``relabel_from: last_epoch``, when every rank has them), or a fresh
+    streamed pass of the current network. Every rank ends with the labels of all N."""
+    available = epoch_rows is not None and params.relabel_from == "last_epoch"
+    if processes.world_size > 1:  # one rank without its rows (a resume on other nodes): every rank passes afresh
+        available = bool(_all_reduce(torch.tensor([int(not available)]), processes).item() == 0)
+    if available:
+        indices, logits, source = np.asarray(epoch_rows.indices), epoch_rows.logits, "last_epoch"
+    else:
+        indices, logits, source = *fresh_pass(model, table, params, run, processes, checkpoint.epoch), "fresh_pass"
+    heads = heads_to_relabel(checkpoint, params)
+    columns = np.cumsum([0, *params.head_sizes])
+    head_logits = [torch.from_numpy(np.ascontiguousarray(logits[:, columns[h] : columns[h + 1]])).to(run.device)
+                   for h in heads]
+    communicator = TorchDistributed() if processes.world_size > 1 else None
+    results = solve_heads(head_logits, params, [checkpoint.cluster_potentials[h] for h in heads], communicator)
+    per_head = []
+    for head, result in zip(heads, results, strict=True):
+        labels = np.zeros(table.num_images, dtype=np.int64)
+        labels[indices] = result.labels
+        labels = _all_reduce(torch.from_numpy(labels), processes).numpy()
+        changed = float(np.mean(labels != checkpoint.labels[head]))
+        checkpoint.labels[head] = labels
+        checkpoint.cluster_potentials[head] = np.asarray(result.log_cluster_potential)
+        sizes = np.bincount(labels, minlength=params.head_sizes[head])
+        per_head.append({"head": head, **result.diagnostics(), "changed": changed, "min_size": int(sizes.min()),
+                         "max_size": int(sizes.max())})
+    summary = {"epoch": checkpoint.epoch, "source": source, "heads": per_head}
+    checkpoint.history.append({"kind": "relabel", **summary})
+    return summary
+
+
+@torch.no_grad()
+def fresh_pass(model: MultiHeadNet, table: ShardTable, params: TrainParams, run: TrainingRun, processes: Processes,
+               epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    """This rank's rows (manifest order, its contiguous share) and their logits under the current network,
+    averaged over ``relabel_views`` augmented views (or one whole view): (n,) int64, (n, sum of head sizes)."""
+    augmented = params.relabel_augmented
+    views = params.relabel_views if augmented else 1
+    in_worker, on_device = _views(run, params, augmented)
+    model.eval()
+    indices, total = None, None
+    for view in range(views):
+        seed = params.seed + epoch + 1_000_003 * view
+        plan = plan_pass(table, rank=processes.rank, world_size=processes.world_size, workers=run.loader_workers,
+                         batch_size=max(params.batch_size, 256), shuffle_seed=None, equal_steps=False, seed=seed)
+        generator = torch.Generator().manual_seed(seed * 1_009 + processes.rank)
+        parts_indices, parts_logits = [], []
+        for batch in pass_loader(plan, params.decode_size, run.loader_workers, in_worker):
+            images = _on_device(batch, run.device, on_device, generator)
+            with autocast(run.device, params.precision):
+                parts_logits.append(model.joint_logits(model_layout(images)).float().cpu().numpy())
+            parts_indices.append(batch.indices.numpy())
+        view_logits = np.concatenate(parts_logits)
+        indices = np.concatenate(parts_indices)
+        total = view_logits if total is None else total + view_logits
+    model.train()
+    return indices, total / views
+
+
+def _emit(run: TrainingRun, processes: Processes, event: dict[str, Any]) -> None:
+    """Progress from rank 0 only: one event per start, relabel, epoch and end."""
+    if run.progress is not None and processes.rank == 0:
+        run.progress(event)

@@ -1,0 +1,142 @@
+"""sela.learn.loop: the streamed self-labelling loop in one process (the multi-process runs: tests/tasks)."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sela.config import load_params
+from sela.data.loader import ShardReadError
+from sela.data.shards import read_manifest, write_shards
+from sela.data.sources import iter_digit_samples
+from sela.labels import export
+from sela.learn import loop, train
+from sela.learn.loop import TrainingRun, run_training
+from tests.conftest import PROJECT_ROOT
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    """The embedded default as real shards (1797 digits, 16 px), four shards."""
+    folder = tmp_path_factory.mktemp("shards")
+    write_shards(iter_digit_samples(16), folder, 500)
+    return folder
+
+
+def small_params(**changes):
+    overrides = {"train.width": 8, "train.image_size": 16, "train.num_heads": 2, "train.epochs": 2,
+                 "train.num_relabels": 2, "train.batch_size": 64, **changes}
+    return load_params(PROJECT_ROOT / "params.yaml", overrides)
+
+
+def run(shards: Path, folder: Path, events: list | None = None, **changes) -> tuple[train.Checkpoint, list]:
+    events = [] if events is None else events
+    setup = TrainingRun(str(shards), folder / "checkpoint.pt", folder / "state", torch.device("cpu"), 0,
+                        events.append)
+    return run_training(setup, small_params(**changes).train), events
+
+
+def test_relabels_are_balanced_reuse_the_last_epoch_and_every_image_is_seen_once(shards, tmp_path, monkeypatch):
+    real_pass = loop.fresh_pass
+    passes = []
+
+    def counted_pass(*args, **kwargs):
+        passes.append(1)
+        return real_pass(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "fresh_pass", counted_pass)
+    checkpoint, events = run(shards, tmp_path, **{"train.relabel_from": "last_epoch"})
+    relabels = [event for event in events if event["kind"] == "relabel"]
+    assert [event["source"] for event in relabels] == ["fresh_pass", "last_epoch"] and len(passes) == 1
+    for head in relabels[-1]["heads"]:
+        assert head["converged"] and head["column_marginal_error"] < 1e-2 and head["min_size"] > 0
+    assert all(event["images"] == 1797 for event in events if event["kind"] == "epoch")
+    assert checkpoint.labels.shape == (2, 1797)
+    assert np.bincount(checkpoint.labels[0], minlength=10).min() > 1797 / 10 / 3
+
+
+def test_overclustering_heads_are_trained_relabelled_and_not_exported(shards, tmp_path):
+    checkpoint, _ = run(shards, tmp_path, **{"train.overclustering.num_heads": 2,
+                                             "train.overclustering.num_clusters": 40, "train.epochs": 1})
+    assert checkpoint.labels.shape == (4, 1797) and checkpoint.labels[2:].max() == 39
+    assert checkpoint.labels[:2].max() == 9
+    params = small_params(**{"train.overclustering.num_heads": 2, "train.overclustering.num_clusters": 40})
+    images = torch.from_numpy(np.zeros((20, 16, 16, 3), dtype=np.uint8))
+    final = export.final_labels(checkpoint.model, images, params, torch.device("cpu"))
+    assert final.labels.shape == (2, 20) and final.labels.max() <= 9
+
+
+def test_one_head_in_turn_after_a_first_relabel_of_every_head(shards, tmp_path):
+    _, events = run(shards, tmp_path, **{"train.num_heads": 3, "train.relabel_heads": "one_in_turn",
+                                         "train.epochs": 4, "train.num_relabels": 4})
+    solved = [[head["head"] for head in event["heads"]] for event in events if event["kind"] == "relabel"]
+    assert solved == [[0, 1, 2], [0], [1], [2]]
+
+
+def test_an_interrupted_run_resumes_after_its_last_epoch_and_ends_with_the_same_labels(shards, tmp_path):
+    whole, _ = run(shards, tmp_path / "whole", **{"train.epochs": 3, "train.num_relabels": 3})
+
+    class Crash(Exception):
+        pass
+
+    def crash_in_epoch_two(event):
+        if event["kind"] == "relabel" and event["epoch"] == 1:  # after the checkpoint of epoch 1
+            raise Crash
+
+    crashed = tmp_path / "crashed"
+    with pytest.raises(Crash):
+        run_training(TrainingRun(str(shards), crashed / "checkpoint.pt", crashed / "state", torch.device("cpu"), 0,
+                                 crash_in_epoch_two), small_params(**{"train.epochs": 3, "train.num_relabels": 3}).train)
+    resumed, events = run(shards, tmp_path / "crashed", **{"train.epochs": 3, "train.num_relabels": 3})
+    assert events[0]["resumed_at_epoch"] == 1 and events[0]["reason"] == "resuming after epoch 1"
+    np.testing.assert_array_equal(resumed.labels, whole.labels)
+    for key, value in whole.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[key], value, rtol=0, atol=0)
+    # A finished run is not resumed: a rerun trains again from scratch.
+    _, again = run(shards, tmp_path / "crashed", **{"train.epochs": 3, "train.num_relabels": 3})
+    assert again[0]["resumed_at_epoch"] is None and "finished run" in again[0]["reason"]
+
+
+def test_the_checkpoint_loads_for_export_with_labels_and_potentials(shards, tmp_path):
+    checkpoint, _ = run(shards, tmp_path)
+    params = small_params().train
+    loaded = train.load_checkpoint(tmp_path / "checkpoint.pt", params, torch.device("cpu"))
+    assert loaded.epoch == 2 and np.array_equal(loaded.labels, checkpoint.labels)
+    np.testing.assert_array_equal(loaded.cluster_potentials[1], checkpoint.cluster_potentials[1])
+    assert not (tmp_path / "checkpoint.pt.tmp").exists()
+    assert not list((tmp_path / "state").glob("*.tmp"))  # epoch files are renamed into place, older ones removed
+    assert len(list((tmp_path / "state").glob("epoch-logits-*.npy"))) == 1
+
+
+@pytest.mark.parametrize("damage", ["zeroed", "truncated"])
+def test_a_corrupt_shard_met_during_training_is_named(shards, tmp_path, damage):
+    broken = tmp_path / "shards"
+    broken.mkdir()
+    for path in shards.iterdir():
+        (broken / path.name).write_bytes(path.read_bytes())
+    name = sorted(read_manifest(broken)["shard"].unique())[2]
+    data = bytearray((broken / name).read_bytes())
+    if damage == "zeroed":
+        data[700:5000] = b"\x00" * 4300  # image bytes zeroed in place
+    else:
+        data = data[: len(data) // 2]  # a copy that stopped half way
+    (broken / name).write_bytes(bytes(data))
+    with pytest.raises(ShardReadError, match=name):
+        run(broken, tmp_path / "run")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (and CuPy for the relabel)")
+def test_gpu_epochs_relabel_through_cupy_and_the_checkpoint_loads_on_the_cpu(shards, tmp_path):
+    events: list = []
+    setup = TrainingRun(str(shards), tmp_path / "checkpoint.pt", tmp_path / "state", torch.device("cuda"), 2,
+                        events.append)
+    params = small_params(**{"train.overclustering.num_heads": 1, "train.overclustering.num_clusters": 40,
+                             "train.relabel_from": "last_epoch", "train.epochs": 3, "train.num_relabels": 3}).train
+    checkpoint = run_training(setup, params)
+    relabels = [event for event in events if event["kind"] == "relabel"]
+    assert relabels[-1]["source"] == "last_epoch"
+    for head in relabels[-1]["heads"]:
+        assert head["converged"] and head["column_marginal_error"] < 1e-2
+    loaded = train.load_checkpoint(tmp_path / "checkpoint.pt", params, torch.device("cpu"))
+    assert np.array_equal(loaded.labels, checkpoint.labels)
