@@ -9,10 +9,10 @@
    it is scored on at ``train.eval_image_size``).
 2. Baselines on the test split: k-means on raw pixels (k = 10, n_init = 3: ACC/NMI/ARI) and weighted kNN on raw
    pixels (128-d random projection, train split as reference).
-3. Self-labels the train split with the pipeline's core (``sela.learn.train``: params.yaml plus the CIFAR-10 overrides
-   below, and the GPU ones on a GPU; no Prefect) for as many epochs as fit in ``--budget-minutes``: the epoch
-   count (the learning-rate and relabel schedules need it) is refitted after every epoch from the speed of the
-   last ten, and training stops early if the budget would be exceeded anyway.
+3. Self-labels the train split with the pipeline's own loop (``sela.learn.loop``, streaming the shards;
+   params.yaml plus the CIFAR-10 overrides below, and the GPU ones on a GPU; no Prefect) for as many epochs as fit
+   in ``--budget-minutes``: the epoch count (the learning-rate and relabel schedules need it) is refitted after
+   every epoch from the speed of the last ten, and training stops early if the budget would be exceeded anyway.
 4. Scores, never having trained on the test split: the exported 10-way head (``export.label_head``) predicting the
    test images (ACC/NMI/ARI), by the network's argmax and by the label set's rule (``export.rule_labels``: the
    argmax shifted by the cluster potentials that balanced the train split; the test images are not balanced among
@@ -40,11 +40,12 @@ from sklearn.cluster import KMeans
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from sela.config import Params, load_params  # noqa: E402
 from sela.data.ingest import ingest  # noqa: E402
-from sela.data.shards import LoadedShards, read_shards  # noqa: E402
+from sela.data.shards import LoadedShards, iter_shard_samples, read_manifest, read_shards, write_shards  # noqa: E402
 from sela.labels import export, report  # noqa: E402
 from sela.labels.evaluate import compute_features, confidence_histogram, head_agreement, knn_predict, project  # noqa: E402
 from sela.labels.metrics import cluster_sizes, encode, label_quality  # noqa: E402
-from sela.learn import train  # noqa: E402
+from sela.learn import inference, train  # noqa: E402
+from sela.learn.loop import TrainingRun, run_training  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 # What differs from the embedded default (1,797 digits): the paper's flip (mirrored digits are other digits;
@@ -67,17 +68,20 @@ GPU_OVERRIDES = {"train.architecture": "resnet18", "train.image_size": 32, "trai
 
 
 def load_split(archive: Path, cache: Path, decode_size: int, workers: int) -> LoadedShards:
-    """Ingest ``archive`` into ``cache`` (kept shards are reused) and decode every image at ``decode_size``."""
+    """Ingest ``archive`` into ``cache`` (kept shards are reused) and decode every image at ``decode_size`` (for
+    scoring: training streams the shards)."""
     params = load_params(ROOT / "params.yaml", {"shard.source": str(archive), "shard.min_side": 8}).shard
     ingest(params, str(cache), workers=workers)
     return read_shards(cache, decode_size)
 
 
-def subset(split: LoadedShards, count: int) -> LoadedShards:
-    """``count`` images of ``split`` chosen at random (seed 0), in their original order."""
-    rows = np.sort(np.random.default_rng(0).permutation(len(split))[:count])
-    return LoadedShards(keys=[split.keys[row] for row in rows], images=split.images[rows],
-                        ground_truth=[split.ground_truth[row] for row in rows])
+def subset(shard_dir: Path, count: int, target: Path, decode_size: int) -> LoadedShards:
+    """``count`` images of ``shard_dir`` chosen at random (seed 0), in their original order, as shards in
+    ``target``; returns them decoded."""
+    keep = set(np.random.default_rng(0).permutation(len(read_manifest(shard_dir)))[:count].tolist())
+    samples = (sample for row, sample in enumerate(iter_shard_samples(shard_dir)) if row in keep)
+    write_shards(samples, target, 1000)
+    return read_shards(target, decode_size)
 
 
 def knn_test_accuracy(train_features: torch.Tensor, train_truth: list, test_features: torch.Tensor,
@@ -107,45 +111,38 @@ def baselines(train_split: LoadedShards, test_split: LoadedShards, params: Param
     return {"k-means pixels": label_quality(clusters, test_split.ground_truth), "kNN pixels": {"knn": knn}}
 
 
-def self_label(params: Params, images: torch.Tensor, budget_seconds: float, truth: list, device: torch.device,
-               log: Callable[[str], None]) -> tuple[train.Checkpoint, float]:
-    """The pipeline's loop (relabel on schedule, one epoch at a time) fitted to the budget. Returns the checkpoint
-    and the seconds spent. ``truth`` only feeds the progress line (agreement of head 0's labels with the classes)."""
-    settings = params.train
-    images = images.to(device)  # 150 MB of uint8 at 32 px: on a GPU, augmentation reads it there
-    checkpoint = train.new_checkpoint(settings, len(images))
+def self_label(params: Params, shard_dir: Path, state_dir: Path, budget_seconds: float, device: torch.device,
+               loader_workers: int, log: Callable[[str], None]) -> tuple[train.Checkpoint, float]:
+    """The pipeline's loop (``sela.learn.loop``: streamed, relabels on schedule) fitted to the budget. Returns the
+    checkpoint and the seconds spent."""
     start = time.perf_counter()
-    schedule = set(train.relabel_epochs(settings.epochs, settings.num_relabels, settings.relabel_power))
-    epoch, durations = 0, []
-    while epoch < settings.epochs:
-        epoch_start = time.perf_counter()
-        relabel_note = " " * 22
-        if epoch in schedule:
-            relabel_start = time.perf_counter()
-            heads = train.relabel(checkpoint, images, settings, device)["heads"]
-            iterations = np.mean([head["iterations"] for head in heads])
-            relabel_note = f"relabel {time.perf_counter() - relabel_start:4.1f}s {iterations:5.0f} it"
-        summary = train.train_epoch(checkpoint, images, settings, device)
-        seconds = time.perf_counter() - epoch_start
-        durations.append(seconds)
-        elapsed = time.perf_counter() - start
+
+    def plan_epochs(done: int, durations: list[float]) -> int:
         # The epoch count follows the clock to the end: refitted after every epoch from the median of the last
         # ten (the first one, with the initial relabel pass, only until there are others), so that a host that
-        # speeds up or slows down mid-run still ends on time with the learning rate near zero. Fixing it at
-        # half-run left 1.4-2.1 of 30 minutes unused when the host sped up; a refit moves the cosine schedule by
-        # about one epoch in ~160, a step of under 1% of the base rate.
+        # speeds up or slows down mid-run still ends on time with the learning rate near zero. Training stops
+        # early when the next epoch would exceed the budget anyway.
+        elapsed = time.perf_counter() - start
         typical = float(np.median(durations[1:][-10:] or durations))
-        fitted = epoch + 1 + max(1 if epoch == 0 else 0, int((budget_seconds - elapsed) / typical))
-        if fitted != settings.epochs:
-            settings = settings.model_copy(update={"epochs": fitted})
-            schedule = set(train.relabel_epochs(fitted, settings.num_relabels, settings.relabel_power))
-        quality = label_quality(checkpoint.labels[0], truth)["acc"]
-        log(f"epoch {epoch + 1:>3}/{settings.epochs} {seconds:6.1f}s  loss {summary['loss']:.3f}  "
-            f"lr {summary['lr']:.4f}  {relabel_note}  head-0 label ACC {quality:.3f}")
-        epoch += 1
-        if epoch < settings.epochs and elapsed + seconds > budget_seconds:
-            log(f"stopping after {epoch} epochs: the next one would exceed the budget")
-            break
+        if elapsed + typical > budget_seconds:
+            return done
+        return done + max(1, int((budget_seconds - elapsed) / typical))
+
+    def progress(event: dict) -> None:
+        if event["kind"] == "relabel":
+            iterations = np.mean([head["iterations"] for head in event["heads"]])
+            converged = all(head["converged"] for head in event["heads"])
+            log(f"relabel before epoch {event['epoch']}: {iterations:.0f} iterations a head, converged {converged}")
+        elif event["kind"] == "epoch":
+            log(f"epoch {event['epoch']:>3}/{event['epochs']} {event['seconds']:6.1f}s  loss {event['loss']:.3f}  "
+                f"lr {event['lr']:.4f}")
+        else:
+            log(str(event))
+
+    run = TrainingRun(str(shard_dir), state_dir / "checkpoint.pt", state_dir, device, loader_workers, progress,
+                      plan_epochs)
+    # A first guess for the schedules, refitted after the first epoch.
+    checkpoint = run_training(run, params.train.model_copy(update={"epochs": max(params.train.epochs, 2)}))
     return checkpoint, time.perf_counter() - start
 
 
@@ -159,6 +156,8 @@ def main() -> None:
                         help="train on this many train images (a fixed random choice) for quick comparisons; 0: all")
     parser.add_argument("--overrides", default="{}", help='JSON of params.yaml overrides, e.g. \'{"train.width": 48}\'')
     parser.add_argument("--device", default="cpu", help="torch device for training and scoring, e.g. cuda")
+    parser.add_argument("--loader-workers", type=int, default=-1,
+                        help="decoding processes of the training stream (default: 1 on a CPU, 8 on a GPU)")
     parser.add_argument("--report", type=Path, default=None, help="write the label set's visual report here")
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="save the trained checkpoint here (sela.learn.train.save_checkpoint) for later study")
@@ -171,25 +170,27 @@ def main() -> None:
 
     device_overrides = GPU_OVERRIDES if device.type == "cuda" else {}
     params = load_params(ROOT / "params.yaml", {**CIFAR_OVERRIDES, **device_overrides, **json.loads(args.overrides)})
+    loader_workers = args.loader_workers if args.loader_workers >= 0 else (1 if device.type == "cpu" else 8)
     with tempfile.TemporaryDirectory() as temporary:
-        cache = args.cache or Path(temporary)
+        cache, scratch = args.cache or Path(temporary), Path(temporary)
         started = time.perf_counter()
         decode_size = params.train.decode_size
-        train_split = load_split(args.dataset / "train.tar.gz", cache / "train", decode_size, args.workers)
+        train_dir = cache / "train"
+        train_split = load_split(args.dataset / "train.tar.gz", train_dir, decode_size, args.workers)
         test_split = load_split(args.dataset / "test.tar.gz", cache / "test", decode_size, args.workers)
-    if args.subset:
-        train_split = subset(train_split, args.subset)
-    log(f"data: {len(train_split)} train, {len(test_split)} test images ({time.perf_counter() - started:.0f}s)")
-    started = time.perf_counter()
-    results = baselines(train_split, test_split, params)
-    log(f"baselines: {time.perf_counter() - started:.0f}s")
-    log("train: " + json.dumps(params.train.model_dump()))
+        if args.subset:
+            train_dir = scratch / f"train-{args.subset}"
+            train_split = subset(cache / "train", args.subset, train_dir, decode_size)
+        log(f"data: {len(train_split)} train, {len(test_split)} test images ({time.perf_counter() - started:.0f}s)")
+        started = time.perf_counter()
+        results = baselines(train_split, test_split, params)
+        log(f"baselines: {time.perf_counter() - started:.0f}s")
+        log("train: " + json.dumps(params.train.model_dump()))
 
-    train_images = torch.from_numpy(train_split.images)
-    initial = train.new_checkpoint(params.train, len(train_images)).model
-    results["kNN initial network"] = {"knn": network_knn(initial, train_split, test_split, params, device)}
-    checkpoint, seconds = self_label(params, train_images, args.budget_minutes * 60, train_split.ground_truth,
-                                     device, log)
+        initial = train.new_checkpoint(params.train, len(train_split)).model
+        results["kNN initial network"] = {"knn": network_knn(initial, train_split, test_split, params, device)}
+        checkpoint, seconds = self_label(params, train_dir, scratch / "state", args.budget_minutes * 60, device,
+                                         loader_workers, log)
     if args.checkpoint:
         train.save_checkpoint(checkpoint, args.checkpoint)
     final = export.final_labels(checkpoint.model, torch.from_numpy(train_split.images), params, device)
@@ -213,7 +214,7 @@ def score(model: torch.nn.Module, final: export.FinalLabels, train_split: Loaded
           params: Params, device: torch.device) -> dict[str, dict[str, float]]:
     """The exported label set on train, its head's predictions on test, and kNN on the learned features."""
     head, test_images = final.selected_head, torch.from_numpy(test_split.images)
-    logits = train.compute_logits(model, test_images, params.train, device, augmented=False)
+    logits = inference.compute_logits(model, test_images, params.train, device, augmented=False)
     argmax = logits[head].argmax(1).cpu().numpy()
     rule = export.rule_labels(logits[head : head + 1], final.cluster_potentials[head : head + 1], params)[0]
     return {

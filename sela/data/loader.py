@@ -19,6 +19,7 @@ import io
 import random
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -124,6 +125,7 @@ class StreamPlan:
     batches_per_worker: int
     buffer: int
     seed: int
+    interleave: int = 1
 
     def worker_batches(self, worker: int) -> list[int]:
         count = sum(segment.take for segment in self.parts[worker])
@@ -141,12 +143,13 @@ class StreamPlan:
 
 
 def plan_pass(table: ShardTable, *, rank: int, world_size: int, workers: int, batch_size: int,
-              shuffle_seed: int | None, seed: int, buffer: int = 0, equal_steps: bool = True) -> StreamPlan:
+              shuffle_seed: int | None, seed: int, buffer: int = 0, interleave: int = 1,
+              equal_steps: bool = True) -> StreamPlan:
     """Rank ``rank``'s share of one pass over every image: ``workers`` parts (at least one) of the epoch's plan.
 
     ``shuffle_seed`` None reads in manifest order (relabel and export passes); ``equal_steps`` gives every rank the
     same number of batches of at least ``batch_size`` (training under DDP). ``seed`` seeds the shuffle buffer and
-    the workers' augmentations, with the rank and the worker."""
+    the workers' augmentations, with the rank and the worker; ``interleave`` shards are read at a time."""
     readers = max(1, workers)
     everyone = epoch_parts(table, world_size * readers, shuffle_seed)
     smallest = table.num_images // (world_size * readers)
@@ -157,7 +160,7 @@ def plan_pass(table: ShardTable, *, rank: int, world_size: int, workers: int, ba
             raise ValueError(f"{table.num_images} images give no full batch of {batch_size} to each of "
                              f"{world_size} ranks x {readers} loader workers: lower the batch size or the counts")
     mine = everyone[rank * readers : (rank + 1) * readers]
-    return StreamPlan(table, mine, batch_size, per_worker, buffer, seed * 1_000 + rank)
+    return StreamPlan(table, mine, batch_size, per_worker, buffer, seed * 1_000 + rank, interleave)
 
 
 @dataclass
@@ -193,6 +196,26 @@ def _segment_samples(table: ShardTable, segment: Segment) -> Iterator[tuple[int,
         raise ShardReadError(f"shard {url} is unreadable or does not match the manifest: {error}") from error
 
 
+def _interleaved(table: ShardTable, segments: Iterable[Segment], width: int,
+                 rng: random.Random) -> Iterator[tuple[int, bytes]]:
+    """The segments' samples, ``width`` shards read at a time, each next sample from one of them at random.
+
+    Ingest writes shards in key order, so a collection in class folders has shards of one class each: a shuffle
+    buffer alone would fill batches from one or two classes. Reading many shards at once mixes them at the cost of
+    ``width`` open files, whatever the size of the images (a buffer as wide would hold ``width`` shards)."""
+    pending, active = iter(segments), []
+    while True:
+        while len(active) < width and (segment := next(pending, None)) is not None:
+            active.append(_segment_samples(table, segment))
+        if not active:
+            return
+        choice = rng.randrange(len(active))
+        try:
+            yield next(active[choice])
+        except StopIteration:
+            active.pop(choice)
+
+
 class PassDataset(torch.utils.data.IterableDataset):
     """One rank's pass as a WebDataset pipeline: segments -> (index, bytes) -> shuffle buffer -> decoded batches
     -> ``transform`` (augmentation on the CPU, in the loader worker), one part per loader worker."""
@@ -210,7 +233,7 @@ class PassDataset(torch.utils.data.IterableDataset):
         generator = torch.Generator().manual_seed(seed)
         pipeline = webdataset.DataPipeline(
             lambda: iter(self.plan.parts[worker]),
-            lambda segments: (sample for segment in segments for sample in _segment_samples(self.plan.table, segment)),
+            partial(_interleaved, self.plan.table, width=self.plan.interleave, rng=random.Random(seed)),
             *([webdataset.shuffle(self.plan.buffer, initial=self.plan.buffer, seed=seed)] if self.plan.buffer else []),
         )
         return self._batches(iter(pipeline), self.plan.worker_batches(worker), generator)

@@ -45,6 +45,10 @@ from sela.learn.train import (
 from sela.sinkhorn.solver import TorchDistributed
 
 Progress = Callable[[dict[str, Any]], None]
+# Training order: the epoch's shards in a new order, 16 read at a time by each loader worker, their samples mixed
+# through a buffer of 2,048 encoded images (a few MB of JPEGs): shards of one class each still give mixed batches.
+INTERLEAVED_SHARDS = 16
+SHUFFLE_BUFFER = 2048
 
 
 @dataclass(frozen=True)
@@ -91,14 +95,17 @@ def run_training(run: TrainingRun, params: TrainParams) -> Checkpoint:
         began = time.perf_counter()
         if checkpoint.epoch in set(relabel_epochs(params.epochs, params.num_relabels, params.relabel_power)):
             summary = relabel(checkpoint, model, table, params, run, processes, epoch_rows)
-            _emit(run, processes, {"kind": "relabel", **summary})
+            _emit(run, processes, {"kind": "relabel", **summary, "seconds": time.perf_counter() - began})
+        epoch_began = time.perf_counter()
         summary, epoch_rows = train_epoch(checkpoint, network, table, params, run, processes)
+        seconds = time.perf_counter() - epoch_began
         if processes.rank == 0:
             save_checkpoint(checkpoint, run.checkpoint_path, identity)
         _barrier(processes)  # every rank's epoch files and the checkpoint are in place before older ones go
         state.remove_epoch_logits(run.state_dir, processes.rank, checkpoint.epoch)
         durations.append(time.perf_counter() - began)
-        _emit(run, processes, {"kind": "epoch", **summary, "epochs": params.epochs, "seconds": durations[-1]})
+        _emit(run, processes, {"kind": "epoch", **summary, "epochs": params.epochs, "seconds": seconds,
+                               "images_per_second": summary["images"] / seconds})
         if run.plan_epochs is not None:
             params = params.model_copy(update={"epochs": run.plan_epochs(checkpoint.epoch, durations)})
     _emit(run, processes, {"kind": "done", "epochs": checkpoint.epoch})
@@ -176,7 +183,7 @@ def train_epoch(checkpoint: Checkpoint, network: torch.nn.Module, table: ShardTa
     epoch = checkpoint.epoch
     plan = plan_pass(table, rank=processes.rank, world_size=processes.world_size, workers=run.loader_workers,
                      batch_size=params.batch_size, shuffle_seed=params.seed * 100_003 + epoch,
-                     buffer=4 * params.batch_size, seed=params.seed * 100_003 + epoch)
+                     seed=params.seed * 100_003 + epoch, buffer=SHUFFLE_BUFFER, interleave=INTERLEAVED_SHARDS)
     in_worker, on_device = _views(run, params, augmented=True)
     generator = torch.Generator().manual_seed(params.seed * 100_003 + epoch * 1_009 + processes.rank)
     rate = learning_rate(params, epoch)
