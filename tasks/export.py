@@ -17,8 +17,7 @@ from sela.labels import card, export, label_set
 from sela.learn import train
 from sela.paths import CARD, CHECKPOINT, CLUSTER_SIZES, LABELS, METRICS, SHARD_DIR
 from sela.registry.read import latest_label_set
-from tasks.environment import device_name
-from tasks.images import load_shards
+from tasks.environment import device_name, loader_workers
 
 
 def metrics_markdown(metrics: dict[str, Any]) -> str:
@@ -63,14 +62,12 @@ def export_labels(root: str, params: Params, parent: dict[str, str] | None) -> d
 
 def _export_labels(root: str, params: Params, parent: dict[str, str] | None) -> dict[str, Any]:
     base, device = Path(root), torch.device(device_name())
-    shards = load_shards(base, params.train.decode_size)
     checkpoint = train.load_checkpoint(base / CHECKPOINT, params.train, device)
-    final = export.final_labels(checkpoint.model, torch.from_numpy(shards.images), params, device)
     parent_table = None if parent is None else pq.read_table(parent["path"]).to_pandas()
-    final, lineage = export.align_to_parent_table(final, shards.keys, parent_table,
-                                                  None if parent is None else parent["tag"], params.train.num_clusters)
-    metrics = export.label_metrics(final, shards.ground_truth, params.train.num_clusters)
-    label_set.write_label_set(label_set.label_table(shards.keys, final.labels, final.confidence, final.selected_head),
+    exported = export.export_label_set(checkpoint.model, base / SHARD_DIR, params, device, loader_workers(device),
+                                       parent_table, None if parent is None else parent["tag"])
+    final, keys, metrics, lineage = exported.final, exported.keys, exported.metrics, exported.lineage
+    label_set.write_label_set(label_set.label_table(keys, final.labels, final.confidence, final.selected_head),
                               base / LABELS)
     label_set.write_card(card.label_card(params, final, metrics, checkpoint.history, manifest_hash(base / SHARD_DIR),
                                          card.code_version(root), lineage), base / CARD)

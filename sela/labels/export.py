@@ -1,6 +1,7 @@
 """From a trained checkpoint to the exported label set, its metrics and its card."""
 
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -10,10 +11,12 @@ import torch.nn.functional as functional
 
 from sela.labels.align import alignment
 from sela.config import Params
+from sela.data.loader import shard_table
+from sela.data.shards import read_manifest
 from sela.labels.metrics import cluster_sizes, label_quality
 from sela.learn.models import MultiHeadNet
 from sela.sinkhorn.solver import assign_labels
-from sela.learn.inference import compute_logits, solve_heads
+from sela.learn.inference import compute_logits, solve_heads, stream_logits
 
 
 @dataclass
@@ -41,8 +44,14 @@ def final_labels(model: MultiHeadNet, images: torch.Tensor, params: Params, devi
     images uint8 (N, H, W, 3). With ``label_head: lowest_loss`` the heads, independent labellings trained on one
     backbone, are ranked by the objective they were trained to minimise; ground truth is never consulted.
     """
+    return final_labels_from_logits(compute_logits(model, images, params.train, device, augmented=False), params)
+
+
+def final_labels_from_logits(logits: list[torch.Tensor], params: Params) -> FinalLabels:
+    """``final_labels`` from the un-augmented logits already computed, one (N, K) tensor per head (the export stage
+    streams them: ``sela.learn.inference.stream_logits``)."""
     # The label set's heads come first; over-clustering heads only served training.
-    logits = compute_logits(model, images, params.train, device, augmented=False)[: params.train.num_heads]
+    logits = logits[: params.train.num_heads]
     results = solve_heads(logits, params.train, [None] * len(logits))
     labels = np.stack([result.labels for result in results])
     # Confidence is the network's own probability of the exported label, not the sharpened plan's row maximum
@@ -146,3 +155,27 @@ def align_to_parent_table(final: FinalLabels, keys: list[str], parent: pd.DataFr
     aligned, report = align_to_parent(final, keys, parent["key"].tolist(), parent_labels, parent["label"].to_numpy(),
                                       num_clusters)
     return aligned, {"parent_version": parent_tag, "cluster_id_alignment": report}
+
+
+@dataclass
+class ExportedLabelSet:
+    """A label set ready to write: labels aligned to the parent, the images' keys (N,), metrics and lineage."""
+
+    final: FinalLabels
+    keys: list[str]
+    metrics: dict[str, Any]
+    lineage: dict[str, Any]
+
+
+def export_label_set(model: MultiHeadNet, shard_dir: str | Path, params: Params, device: torch.device, workers: int,
+                     parent: pd.DataFrame | None, parent_tag: str | None) -> ExportedLabelSet:
+    """The trained network's balanced labels of every image of ``shard_dir``, streamed as training reads them
+    (the export holds the logits, never the images), cluster ids aligned to the ``parent`` version's table."""
+    manifest = read_manifest(shard_dir)
+    keys = manifest["key"].tolist()
+    truth = [None if pd.isna(value) else str(value) for value in manifest["ground_truth"]]
+    _, logits = stream_logits(model, shard_table(shard_dir), params.train, device, workers, augmented=False, seed=0)
+    heads = [head.contiguous() for head in torch.from_numpy(logits).split(params.train.head_sizes, dim=1)]
+    final, lineage = align_to_parent_table(final_labels_from_logits(heads, params), keys, parent, parent_tag,
+                                           params.train.num_clusters)
+    return ExportedLabelSet(final, keys, label_metrics(final, truth, params.train.num_clusters), lineage)

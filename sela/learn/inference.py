@@ -4,12 +4,15 @@ Training (the relabel pass), export (the final labels) and prediction (new image
 label set's images are seen the same way whichever step looks at them.
 """
 
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
 
 from sela.config import SinkhornParams, TrainParams
+from sela.data.loader import Batch, ShardTable, pass_loader, plan_pass
 from sela.learn.augment import augment, center
 from sela.learn.models import MultiHeadNet, model_layout, to_device
 from sela.sinkhorn.solver import Communicator, SinkhornResult, sinkhorn_knopp
@@ -105,3 +108,56 @@ def _solve(array: Any, settings: SinkhornParams, warm: Any, communicator: Commun
         warm_start=warm,
         communicator=communicator,
     )
+
+
+View = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+
+
+def _augmented(params: TrainParams, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    return augment(images, params.augment, params.image_size, generator)
+
+
+def _whole(params: TrainParams, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    return center(images, params.eval_image_size)
+
+
+def view_transforms(params: TrainParams, device: torch.device, augmented: bool) -> tuple[View | None, View | None]:
+    """(view made in the loader workers, view made on the device): a training crop at ``image_size`` or the whole
+    image at ``eval_image_size``. On a CPU the workers make it (alongside the step); on a GPU the GPU does (the
+    workers only decode)."""
+    view = partial(_augmented if augmented else _whole, params)
+    return (view, None) if device.type == "cpu" else (None, view)
+
+
+def on_device_view(batch: Batch, device: torch.device, view: View | None, generator: torch.Generator) -> torch.Tensor:
+    """The batch's images on ``device``, with the view applied there when the workers did not apply it."""
+    images = batch.images.to(device, non_blocking=True)
+    return images if view is None else view(images, generator)
+
+
+@torch.no_grad()
+def stream_logits(model: MultiHeadNet, table: ShardTable, params: TrainParams, device: torch.device, workers: int,
+                  augmented: bool, seed: int, rank: int = 0, world_size: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """A streamed pass over rank ``rank``'s contiguous share of the shards (manifest order): its rows (n,) int64
+    and their logits (n, sum of head sizes) float32 on the host, averaged over ``relabel_views`` augmented views
+    when ``augmented`` (each a new draw), else one whole view. One rank of one: every image, row i = index i."""
+    views = params.relabel_views if augmented else 1
+    in_worker, on_device = view_transforms(params, device, augmented)
+    was_training = model.training
+    model.eval()
+    indices, total = np.zeros(0, dtype=np.int64), None
+    for view in range(views):
+        view_seed = seed + 1_000_003 * view
+        plan = plan_pass(table, rank=rank, world_size=world_size, workers=workers, batch_size=512,
+                         shuffle_seed=None, equal_steps=False, seed=view_seed)
+        generator = torch.Generator().manual_seed(view_seed * 1_009 + rank)
+        rows, outputs = [], []
+        for batch in pass_loader(plan, params.decode_size, workers, in_worker):
+            images = on_device_view(batch, device, on_device, generator)
+            with autocast(device, params.precision):
+                outputs.append(model.joint_logits(model_layout(images)).float().cpu().numpy())
+            rows.append(batch.indices.numpy())
+        indices, logits = np.concatenate(rows), np.concatenate(outputs)
+        total = logits if total is None else total + logits
+    model.train(was_training)
+    return indices, total / views

@@ -17,7 +17,6 @@ and this rank's share of the relabel logits (N / world_size x sum of head sizes 
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +25,10 @@ import torch
 import torch.distributed as distributed
 
 from sela.config import TrainParams
-from sela.data.loader import Batch, ShardTable, pass_loader, plan_pass, shard_table
+from sela.data.loader import ShardTable, pass_loader, plan_pass, shard_table
 from sela.data.shards import manifest_hash
 from sela.learn import state
-from sela.learn.augment import augment, center
-from sela.learn.inference import autocast, solve_heads
+from sela.learn.inference import autocast, on_device_view, solve_heads, stream_logits, view_transforms
 from sela.learn.models import MultiHeadNet, model_layout, to_device
 from sela.learn.train import (
     Checkpoint,
@@ -161,21 +159,6 @@ def _distributed(model: MultiHeadNet, device: torch.device, processes: Processes
     return torch.nn.parallel.DistributedDataParallel(network, device_ids=device_ids)
 
 
-def _augmented(params: TrainParams, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    return augment(images, params.augment, params.image_size, generator)
-
-
-def _whole(params: TrainParams, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    return center(images, params.eval_image_size)
-
-
-def _views(run: TrainingRun, params: TrainParams, augmented: bool) -> tuple[Callable | None, Callable | None]:
-    """(transform for the loader workers, transform on the device): augmentation runs in the workers on a CPU
-    (alongside the step) and on the GPU where there is one (the workers only decode)."""
-    view = partial(_augmented if augmented else _whole, params)
-    return (view, None) if run.device.type == "cpu" else (None, view)
-
-
 def train_epoch(checkpoint: Checkpoint, network: torch.nn.Module, table: ShardTable, params: TrainParams,
                 run: TrainingRun, processes: Processes) -> tuple[dict[str, Any], state.EpochLogits | None]:
     """One epoch of SGD on the current labels over this rank's share of the stream. Returns the summary (loss,
@@ -184,7 +167,7 @@ def train_epoch(checkpoint: Checkpoint, network: torch.nn.Module, table: ShardTa
     plan = plan_pass(table, rank=processes.rank, world_size=processes.world_size, workers=run.loader_workers,
                      batch_size=params.batch_size, shuffle_seed=params.seed * 100_003 + epoch,
                      seed=params.seed * 100_003 + epoch, buffer=SHUFFLE_BUFFER, interleave=INTERLEAVED_SHARDS)
-    in_worker, on_device = _views(run, params, augmented=True)
+    in_worker, on_device = view_transforms(params, run.device, augmented=True)
     generator = torch.Generator().manual_seed(params.seed * 100_003 + epoch * 1_009 + processes.rank)
     rate = learning_rate(params, epoch)
     for group in checkpoint.optimizer.param_groups:
@@ -199,7 +182,7 @@ def train_epoch(checkpoint: Checkpoint, network: torch.nn.Module, table: ShardTa
     position = 0
     network.train()
     for batch in pass_loader(plan, params.decode_size, run.loader_workers, in_worker):
-        images = _on_device(batch, run.device, on_device, generator)
+        images = on_device_view(batch, run.device, on_device, generator)
         indices = batch.indices.to(run.device, non_blocking=True)
         with autocast(run.device, params.precision):
             logits = network(model_layout(images)).float()
@@ -224,11 +207,6 @@ def train_epoch(checkpoint: Checkpoint, network: torch.nn.Module, table: ShardTa
                "accuracy": float(totals[1] / totals[2]), "images": int(totals[2]), "lr": rate}
     checkpoint.history.append({"kind": "epoch", **summary})
     return summary, rows
-
-
-def _on_device(batch: Batch, device: torch.device, view: Callable | None, generator: torch.Generator) -> torch.Tensor:
-    images = batch.images.to(device, non_blocking=True)
-    return images if view is None else view(images, generator)
 
 
 def _check_coverage(seen: np.ndarray, processes: Processes, epoch: int) -> None:
@@ -289,32 +267,11 @@ def relabel(checkpoint: Checkpoint, model: MultiHeadNet, table: ShardTable, para
     return summary
 
 
-@torch.no_grad()
 def fresh_pass(model: MultiHeadNet, table: ShardTable, params: TrainParams, run: TrainingRun, processes: Processes,
                epoch: int) -> tuple[np.ndarray, np.ndarray]:
-    """This rank's rows (manifest order, its contiguous share) and their logits under the current network,
-    averaged over ``relabel_views`` augmented views (or one whole view): (n,) int64, (n, sum of head sizes)."""
-    augmented = params.relabel_augmented
-    views = params.relabel_views if augmented else 1
-    in_worker, on_device = _views(run, params, augmented)
-    model.eval()
-    indices, total = None, None
-    for view in range(views):
-        seed = params.seed + epoch + 1_000_003 * view
-        plan = plan_pass(table, rank=processes.rank, world_size=processes.world_size, workers=run.loader_workers,
-                         batch_size=max(params.batch_size, 256), shuffle_seed=None, equal_steps=False, seed=seed)
-        generator = torch.Generator().manual_seed(seed * 1_009 + processes.rank)
-        parts_indices, parts_logits = [], []
-        for batch in pass_loader(plan, params.decode_size, run.loader_workers, in_worker):
-            images = _on_device(batch, run.device, on_device, generator)
-            with autocast(run.device, params.precision):
-                parts_logits.append(model.joint_logits(model_layout(images)).float().cpu().numpy())
-            parts_indices.append(batch.indices.numpy())
-        view_logits = np.concatenate(parts_logits)
-        indices = np.concatenate(parts_indices)
-        total = view_logits if total is None else total + view_logits
-    model.train()
-    return indices, total / views
+    """This rank's rows and their logits under the current network: the relabel's streamed pass."""
+    return stream_logits(model, table, params, run.device, run.loader_workers, params.relabel_augmented,
+                         seed=params.seed + epoch, rank=processes.rank, world_size=processes.world_size)
 
 
 def _emit(run: TrainingRun, processes: Processes, event: dict[str, Any]) -> None:
