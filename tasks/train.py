@@ -7,6 +7,7 @@ Machine settings are torchrun's own environment variables (``PET_NPROC_PER_NODE`
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -67,10 +68,23 @@ def launch_training(root: str, params: TrainParams, on_event: Callable[[dict[str
                         break
                     time.sleep(poll_seconds)
         if process.returncode != 0:
-            tail = (state_dir / LOG_FILE).read_text()[-6000:]
-            raise TrainingFailedError(f"training failed (torchrun exit code {process.returncode}); the checkpoint "
-                                      f"keeps the last completed epoch and a rerun resumes there. torchrun:\n{tail}")
+            log_text = (state_dir / LOG_FILE).read_text()
+            raise TrainingFailedError(f"training failed (torchrun exit code {process.returncode}): "
+                                      f"{_root_cause(log_text)}\nThe checkpoint keeps the last completed epoch and a "
+                                      f"rerun resumes there. End of {state_dir / LOG_FILE}:\n{log_text[-4000:]}")
         return events
+
+
+def _root_cause(log_text: str) -> str:
+    """The failing rank's exception as its traceback ends (``@record`` puts it in torchrun's report), else the
+    rank and exit code torchrun names (a rank killed by a signal leaves no traceback)."""
+    errors = re.findall(r"^\s*((?:\w+\.)*\w*(?:Error|Exception)\b: .+)$", log_text, flags=re.MULTILINE)
+    failures = re.findall(r"rank\s*:\s*(\d+) \(local_rank: \d+\)\s*\n\s*exitcode\s*:\s*(-?\d+)", log_text)
+    # The DataLoader re-raises a worker's error as "Caught X in DataLoader worker": the original follows it.
+    errors = [error for error in errors if "ChildFailedError" not in error and " in DataLoader worker " not in error]
+    described = errors[-1].strip() if errors else ""
+    ranks = ", ".join(f"rank {rank} exited with {code}" for rank, code in dict(failures).items())
+    return "; ".join(part for part in (described, ranks) if part) or "see the log below"
 
 
 @task(name="train", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)

@@ -85,9 +85,10 @@ def test_an_interrupted_run_resumes_after_its_last_epoch_and_ends_with_the_same_
             raise Crash
 
     crashed = tmp_path / "crashed"
+    setup = TrainingRun(str(shards), crashed / "checkpoint.pt", crashed / "state", torch.device("cpu"), 0,
+                        crash_in_epoch_two)
     with pytest.raises(Crash):
-        run_training(TrainingRun(str(shards), crashed / "checkpoint.pt", crashed / "state", torch.device("cpu"), 0,
-                                 crash_in_epoch_two), small_params(**{"train.epochs": 3, "train.num_relabels": 3}).train)
+        run_training(setup, small_params(**{"train.epochs": 3, "train.num_relabels": 3}).train)
     resumed, events = run(shards, tmp_path / "crashed", **{"train.epochs": 3, "train.num_relabels": 3})
     assert events[0]["resumed_at_epoch"] == 1 and events[0]["reason"] == "resuming after epoch 1"
     np.testing.assert_array_equal(resumed.labels, whole.labels)
