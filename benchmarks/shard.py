@@ -1,60 +1,62 @@
-"""Ingest and read benchmark on a real image collection, each against its baseline measured in the same run.
+"""Ingest and read benchmark on a real image collection: this checkout against an older one (and against webdataset's
+own tar writer and reader), each figure against its baseline measured in the same run, in one table.
 
-    python benchmarks/shard.py --archive ../shared/datasets/cifar10/train.tar.gz --workers 2
+    mkdir /tmp/before && git archive b334b05 | tar -x -C /tmp/before   # plus its C extension, built or copied in
+    python benchmarks/shard.py --before /tmp/before --archive ../shared/datasets/cifar10/test.tar.gz
 
-1. Extracts the archive to a temporary folder (not timed).
-2. Ingest: ``tar -cf`` of the folder (the disk-speed baseline), then ``sela.data.ingest`` of the same folder with full
-   decode-validation on ``--workers`` processes, ``--repeats`` times in turn (each ingest into a new folder);
-   prints images/s of each, ingest/tar of each pair and their median (goal >= 0.5), and the ingest's CPU time per
-   image in the main process (listing, routing, shard writes) and in the decode workers.
-3. The JPEG check alone, on the folder's first 10,000 JPEGs in memory: ``sela.data._jpeg.check`` (one reused libjpeg
-   decompressor: header, EXIF and strict 1/8-scale decode in one call) against the two ``simplejpeg`` calls the
-   ingest made before it (header, then a strict decode at 1/8 scale, a TurboJPEG decompressor created per call).
-4. Read: the shards streamed into training batches (``sela.data.stream.ShardStream``) against torchvision's
-   ``ImageFolder`` + ``DataLoader`` on the extracted folder, same batch size and worker count, images to uint8
-   tensors: stock (its default PIL loader + ``PILToTensor``: what the goal stream/ImageFolder >= 1.5 is measured
-   against) and, to show what the file layout alone is worth, with the stream's own decoder
-   (``sela.data.sources.decode_image``) as its loader.
+1. Extracts the archive to a temporary folder (not timed); CIFAR-10's test split is 10,000 JPEGs of 32x32 (~1 KB).
+2. Rows, each measured by a Python process of its own with that code first on ``sys.path``, one after the other,
+   ``--repeats`` times in turn:
+   - ``before``: the ``--before`` checkout (left out without it);
+   - ``after``: this checkout;
+   - ``after, webdataset writer+reader``: this checkout with webdataset doing the tar work the hand-written
+     ``sela.data.tarmembers`` does: the decode workers build their batch's tar members with ``webdataset.TarWriter``
+     (one writer per batch: the same bytes, checked), and the stream and ``read_shards`` read the shards with
+     ``webdataset.tarfile_to_samples``. The hand-written code stays only while it is at least 1.5x faster
+     (docs/shards.md), which the last lines print.
+3. Columns: ``ingest/tar``, images/s of ``sela.data.ingest`` (full decode-validation on ``--workers`` processes) over
+   ``tar -cf`` of the same folder (the disk-speed baseline, goal >= 0.5); ``stream/ImageFolder``, images/s of
+   ``sela.data.stream.ShardStream`` over torchvision's stock ``ImageFolder`` + ``DataLoader`` (PIL loader,
+   ``PILToTensor``) on the folder, same batch size and workers (goal >= 1.5); the ingest's CPU per image (main
+   process and decode workers); ``read_shards``' CPU per image (every sample decoded into one array in one
+   process: how the pipeline's tasks read the shards); the JPEG check alone (CPU per image, best of 3 passes over
+   the JPEGs in memory).
+   Ratios are medians over the repeats (their range in brackets).
 
-Both sides of each ratio run on a warm page cache (the extraction just wrote the files). On a shared machine the
-figures move with the load of other processes: compare ratios, not absolute rates. A pair takes under two seconds,
-so one busy moment decides a single pair's ratio: the median of the pairs is the figure.
+Both sides of each ratio run on a warm page cache, a second apart. On a shared machine the rates move with other
+processes' load: compare ratios, not absolute rates, and rerun on idle cores for clean figures.
 """
 
 import argparse
+import contextlib
+import hashlib
+import io
+import json
+import multiprocessing
 import os
 import resource
+import shutil
+import statistics
 import subprocess
 import sys
 import tarfile
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import simplejpeg
-import torch
-import torchvision
+if TYPE_CHECKING:  # the code under test is imported from the row's checkout, after sys.path is set
+    from sela.data.images import BatchResult, ImageLimits, WorkBatch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from sela.config import ShardParams  # noqa: E402
-from sela.data.ingest import ingest  # noqa: E402
-from sela.data.sources import (
-    _jpeg,  # noqa: E402
-    decode_image,  # noqa: E402
-)
-from sela.data.stream import ShardStream, StreamSettings  # noqa: E402
+REPOSITORY = Path(__file__).resolve().parent.parent
+WEBDATASET = "webdataset"
 
 
 def folder_root(extracted: Path) -> Path:
-    """The folder holding the class folders: 'train/' inside the CIFAR archive, else the extraction itself."""
+    """The folder holding the class folders: 'test/' inside the CIFAR archive, else the extraction itself."""
     entries = list(extracted.iterdir())
     return entries[0] if len(entries) == 1 and entries[0].is_dir() else extracted
-
-
-def cpu_seconds() -> float:
-    """CPU time (user + system) of this process and of its finished children so far."""
-    return sum(cpu_split())
 
 
 def cpu_split() -> tuple[float, float]:
@@ -64,75 +66,44 @@ def cpu_split() -> tuple[float, float]:
     return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
 
 
-def time_tar(folder: Path, target: Path) -> tuple[float, float]:
-    """(wall seconds, CPU seconds) of `tar -cf`."""
-    start, cpu = time.perf_counter(), cpu_seconds()
+# ---------------------------------------------------------------------------------------------------------------
+# One row's measurement, in a process of its own (``--measure``): the code under test is imported from ``--root``.
+
+
+def time_tar(folder: Path, target: Path) -> float:
+    start = time.perf_counter()
     subprocess.run(["tar", "-cf", str(target), "-C", str(folder), "."], check=True)
-    return time.perf_counter() - start, cpu_seconds() - cpu
+    seconds = time.perf_counter() - start
+    target.unlink()
+    return seconds
 
 
-def time_ingest(folder: Path, output: Path, args: argparse.Namespace) -> tuple[float, tuple[float, float], int]:
-    """(wall seconds, CPU seconds of this process and of its workers, images ingested)."""
+def time_ingest(folder: Path, output: Path, args: argparse.Namespace) -> tuple[float, float, int]:
+    """(wall seconds, CPU seconds of this process and its decode workers, images ingested)."""
+    from sela.config import ShardParams
+    from sela.data.ingest import ingest
+
     params = ShardParams(source=str(folder), image_size=args.image_size, samples_per_shard=args.samples_per_shard,
                          min_side=8, max_side=1024)
-    start, (own, children) = time.perf_counter(), cpu_split()
+    start, cpu = time.perf_counter(), sum(cpu_split())
     report = ingest(params, str(output), workers=args.workers)
-    seconds, (own_end, children_end) = time.perf_counter() - start, cpu_split()  # the pool's workers have exited
+    seconds = time.perf_counter() - start
+    # ingest returns while its executor's thread may still be joining the exiting workers; their CPU time counts
+    # once they are joined (active_children joins the ones that have exited).
+    while multiprocessing.active_children():
+        time.sleep(0.001)
     if len(report.quarantine):
-        print(f"note: {len(report.quarantine)} files quarantined, e.g. {report.quarantine.iloc[0].to_dict()}")
-    return seconds, (own_end - own, children_end - children), len(report.manifest)
+        print(f"note: {len(report.quarantine)} files quarantined, e.g. {report.quarantine.iloc[0].to_dict()}",
+              file=sys.stderr)
+    return seconds, sum(cpu_split()) - cpu, len(report.manifest)
 
 
-def time_jpeg_check(folder: Path, count: int = 10_000, rounds: int = 3) -> tuple[float, float, int]:
-    """(us of CPU per image for ``sela.data._jpeg.check``, the same for simplejpeg's header + strict 1/8-scale
-    decode, images): the best of ``rounds`` passes over the first ``count`` JPEGs of ``folder``, read first."""
-    datas = [path.read_bytes() for path in sorted(folder.rglob("*.jpg"))[:count]]
+def time_image_folder(folder: Path, args: argparse.Namespace) -> tuple[float, int]:
+    import torch
+    import torchvision
 
-    def compiled() -> None:
-        for data in datas:
-            _jpeg.check(data, 0, 1)
-
-    def two_calls() -> None:
-        for data in datas:
-            simplejpeg.decode_jpeg_header(data)
-            simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True, min_factor=8, min_height=1, min_width=1)
-
-    costs = []
-    for check in (compiled, two_calls):
-        best = float("inf")
-        for _ in range(rounds):
-            start = time.process_time()
-            check()
-            best = min(best, time.process_time() - start)
-        costs.append(best / len(datas) * 1e6)
-    return costs[0], costs[1], len(datas)
-
-
-def load_as_array(path: str, image_size: int) -> np.ndarray:
-    with open(path, "rb") as handle:
-        return decode_image(handle.read(), image_size)
-
-
-class ToTensor:
-    """uint8 (size, size, 3) array -> tensor, as the stream's collation does (picklable for loader workers)."""
-
-    def __call__(self, array: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(array)
-
-
-class Loader:
-    def __init__(self, image_size: int) -> None:
-        self.image_size = image_size
-
-    def __call__(self, path: str) -> np.ndarray:
-        return load_as_array(path, self.image_size)
-
-
-def time_image_folder(folder: Path, args: argparse.Namespace, stock: bool) -> tuple[float, int]:
-    if stock:  # as torchvision users write it; CIFAR images are already 32x32, so no resize on either side
-        dataset = torchvision.datasets.ImageFolder(str(folder), transform=torchvision.transforms.PILToTensor())
-    else:
-        dataset = torchvision.datasets.ImageFolder(str(folder), loader=Loader(args.image_size), transform=ToTensor())
+    # As torchvision users write it; CIFAR images are already 32x32, so no resize on either side.
+    dataset = torchvision.datasets.ImageFolder(str(folder), transform=torchvision.transforms.PILToTensor())
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
                                          num_workers=args.workers)
     start = time.perf_counter()
@@ -141,6 +112,8 @@ def time_image_folder(folder: Path, args: argparse.Namespace, stock: bool) -> tu
 
 
 def time_stream(output: Path, args: argparse.Namespace) -> tuple[float, int]:
+    from sela.data.stream import ShardStream, StreamSettings
+
     settings = StreamSettings(image_size=args.image_size, batch_size=args.batch_size, shuffle_buffer=1000, seed=0,
                               rank=0, world_size=1, num_workers=args.workers)
     start = time.perf_counter()
@@ -148,68 +121,239 @@ def time_stream(output: Path, args: argparse.Namespace) -> tuple[float, int]:
     return time.perf_counter() - start, count
 
 
-def time_pairs(folder: Path, files: int, scratch: Path, args: argparse.Namespace) -> tuple[list[float], list[float]]:
-    """``--repeats`` pairs of tar then ingest, each row printed; (wall-clock ratios, CPU-time ratios) per pair."""
-    ratios, cpu_ratios = [], []
-    # On an idle machine ingest spreads over the workers while tar uses one core: the CPU-time ratio bounds what
-    # the wall-clock ratio reaches there, whatever else runs now.
-    cores = min(args.workers, len(os.sched_getaffinity(0)))
-    for repeat in range(args.repeats):
-        tar_seconds, tar_cpu = time_tar(folder, scratch / f"folder-{repeat}.tar")
-        ingest_seconds, (main_cpu, workers_cpu), count = time_ingest(folder, scratch / f"shards-{repeat}", args)
-        ingest_cpu = main_cpu + workers_cpu
-        for name, images, seconds, cpu in [("tar -cf (baseline)", files, tar_seconds, tar_cpu),
-                                           ("ingest, decode-validated", count, ingest_seconds, ingest_cpu)]:
-            rate, cost = images / seconds, cpu / images * 1e6
-            print(f"{name:<28}{images:>8}{seconds:>9.2f}{rate:>10.0f}{cpu:>8.2f}{cost:>14.1f}")
-        ratios.append((count / ingest_seconds) / (files / tar_seconds))
-        cpu_ratios.append((tar_cpu / files) / (ingest_cpu / count) * cores)
-        main_cost, workers_cost = main_cpu / count * 1e6, workers_cpu / count * 1e6
-        print(f"  pair {repeat + 1}: ingest / tar {ratios[-1]:.2f}x; ingest CPU per image: main process "
-              f"{main_cost:.1f} us, workers {workers_cost:.1f} us")
-        (scratch / f"folder-{repeat}.tar").unlink()
-    return ratios, cpu_ratios
+def read_shards_cost(output: Path, args: argparse.Namespace) -> float:
+    """us of CPU per image for ``read_shards`` (every sample decoded into one array, in this process: how the
+    pipeline's tasks read the shards); one process, so other processes' load hardly moves it."""
+    from sela.data.shards import read_shards
+
+    start = time.process_time()
+    count = len(read_shards(output, args.image_size))
+    return (time.process_time() - start) / count * 1e6
+
+
+def jpeg_check_cost(folder: Path, count: int = 10_000, rounds: int = 3) -> float:
+    """us of CPU per image for the ingest's JPEG check (``sela.data._jpeg.check`` in the C-extension code,
+    ``sela.data.images.check_jpeg`` after it), best of ``rounds`` passes over the first ``count`` JPEGs."""
+    from sela.data import images
+
+    if hasattr(images, "check_jpeg"):
+        check = images.check_jpeg
+    else:
+        from sela.data import _jpeg
+
+        check = _jpeg.check
+    datas = [path.read_bytes() for path in sorted(folder.rglob("*.jpg"))[:count]]
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.process_time()
+        for data in datas:
+            check(data, 0, 1)
+        best = min(best, time.process_time() - start)
+    return best / max(1, len(datas)) * 1e6
+
+
+def tar_writer_inspect_batch(batch: "WorkBatch", limits: "ImageLimits") -> "BatchResult":
+    """``sela.data.images.inspect_batch`` with the batch's tar members built by ``webdataset.TarWriter`` instead of
+    ``sela.data.tarmembers.append_member``: one writer per batch, in the decode worker, members spooled as before."""
+    import webdataset
+
+    from sela.data.images import BatchResult, _inspect_item, write_file
+
+    result = BatchResult([], [], [], [], None, [])
+    stream = io.BytesIO()
+    writer = webdataset.TarWriter(stream, user="", group="", mode=0o444, mtime=0, encoder=False)
+    for index, key in enumerate(batch.keys):
+        sha256, reason, width, height, extension, image = _inspect_item(batch, index, limits)
+        for column, value in zip(result[:4], (sha256, reason, width, height), strict=True):
+            column.append(value)
+        start = writer.tarstream.offset
+        if image:
+            writer.write({"__key__": key, extension: image})
+        result.member_sizes.append(writer.tarstream.offset - start)
+    length = writer.tarstream.offset  # the members; close() adds the end-of-archive blocks, left out
+    writer.close()
+    if not length:
+        return result
+    write_file(batch.spool, stream.getbuffer()[:length])
+    return result._replace(spool=batch.spool)
+
+
+def webdataset_records(shards: Iterable[dict[str, str]]) -> Iterator[dict[str, object]]:
+    """``sela.data.shards.shard_records`` as webdataset's own reader: ``tarfile_to_samples``."""
+    import webdataset
+
+    from sela.data import remote
+
+    remote.register_gopen()
+    yield from webdataset.tarfile_to_samples()(shards)
+
+
+def use_webdataset() -> None:
+    """Make the ingest, the stream and ``read_shards`` do their tar work through webdataset (forked workers
+    inherit it)."""
+    import sela.data.ingest
+    import sela.data.shards
+    import sela.data.stream
+
+    sela.data.ingest.inspect_batch = tar_writer_inspect_batch
+    sela.data.stream.shard_records = sela.data.shards.shard_records = webdataset_records
+
+
+def shard_digest(output: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(output.glob("shard-*.tar")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def measure(args: argparse.Namespace) -> None:
+    """One row: for every scratch folder named on stdin, one repeat (tar then ingest, ImageFolder then stream,
+    ``read_shards``, the JPEG check) and one JSON line on stdout. One process for all repeats: imports once."""
+    sys.path.insert(0, str(args.root))
+    import sela
+
+    assert Path(sela.__file__).resolve().parent == args.root.resolve() / "sela", sela.__file__
+    if args.variant == WEBDATASET:
+        use_webdataset()
+    folder = args.folder
+    files = sum(1 for path in folder.rglob("*") if path.is_file())
+    for line in sys.stdin:
+        scratch = Path(line.strip())
+        output = scratch / "shards"
+        tar_seconds = time_tar(folder, scratch / "folder.tar")
+        ingest_seconds, ingest_cpu, count = time_ingest(folder, output, args)
+        folder_seconds, folder_count = time_image_folder(folder, args)
+        stream_seconds, stream_count = time_stream(output, args)
+        print(json.dumps({
+            "tar": files / tar_seconds, "ingest": count / ingest_seconds, "ingest_cpu_us": ingest_cpu / count * 1e6,
+            "image_folder": folder_count / folder_seconds, "stream": stream_count / stream_seconds,
+            "read_shards_cpu_us": read_shards_cost(output, args),
+            "jpeg_check_us": jpeg_check_cost(folder), "shards": shard_digest(output), "images": count,
+        }), flush=True)  # the caller removes the scratch folder
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The table: every row's measurement run in turn, ``--repeats`` times.
+
+
+class Row:
+    """The process measuring one row (``--measure``), asked for one repeat at a time."""
+
+    def __init__(self, name: str, root: Path, variant: str, folder: Path, log: Path, args: argparse.Namespace) -> None:
+        command = [sys.executable, str(Path(__file__).resolve()), "--measure", "--root", str(root), "--variant",
+                   variant, "--folder", str(folder), "--workers", str(args.workers), "--batch-size",
+                   str(args.batch_size), "--image-size", str(args.image_size), "--samples-per-shard",
+                   str(args.samples_per_shard)]
+        # The row's code first; PYTHONPATH left out so nothing else (an editable install aside) shadows it.
+        environment = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
+        self.name, self.log = name, log
+        self.errors = log.open("w")
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.errors,
+                                        text=True, env=environment)
+        self.results: list[dict] = []
+
+    def measure(self, scratch: Path) -> None:
+        scratch.mkdir()
+        assert self.process.stdin is not None and self.process.stdout is not None
+        try:
+            self.process.stdin.write(f"{scratch}\n")
+            self.process.stdin.flush()
+            while not (line := self.process.stdout.readline()).startswith("{"):
+                if not line:
+                    raise BrokenPipeError
+        except BrokenPipeError:
+            raise RuntimeError(f"{self.name}: the measuring process stopped:\n{self.log.read_text()}") from None
+        self.results.append(json.loads(line))
+        shutil.rmtree(scratch)
+
+    def close(self) -> None:
+        assert self.process.stdin is not None
+        with contextlib.suppress(BrokenPipeError):
+            self.process.stdin.close()
+        self.process.wait()
+        self.errors.close()
+        for line in self.log.read_text().splitlines():
+            if line.startswith("note:"):
+                print(f"{self.name}: {line}")
+
+
+def ratio_cell(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f}x ({min(values):.2f}-{max(values):.2f})"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--archive", type=Path, default=Path("../shared/datasets/cifar10/train.tar.gz"))
+    parser.add_argument("--archive", type=Path, default=REPOSITORY.parent / "shared/datasets/cifar10/test.tar.gz")
+    parser.add_argument("--before", type=Path, help="a checkout of the code to compare with (importable: "
+                        "for b334b05, its C extension built in place)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--samples-per-shard", type=int, default=1000)
-    parser.add_argument("--repeats", type=int, default=5, help="tar / ingest pairs, run in turn")
+    parser.add_argument("--repeats", type=int, default=5, help="measurements of every row, run in turn")
+    parser.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--variant", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.measure:
+        measure(args)
+        return
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
+    rows = [("after", REPOSITORY, ""), ("after, webdataset writer+reader", REPOSITORY, WEBDATASET)]
+    if args.before is not None:
+        rows.insert(0, (f"before: {args.before}", args.before, ""))
     with tempfile.TemporaryDirectory() as directory:
         scratch = Path(directory)
         with tarfile.open(args.archive) as archive:
             archive.extractall(scratch / "extracted", filter="data")
         folder = folder_root(scratch / "extracted")
-        files = sum(1 for path in folder.rglob("*") if path.is_file())
-        print(f"{'step':<28}{'images':>8}{'seconds':>9}{'images/s':>10}{'CPU s':>8}{'us CPU/image':>14}")
-        ratios, cpu_ratios = time_pairs(folder, files, scratch, args)
-        compiled_cost, two_calls_cost, checked = time_jpeg_check(folder)
-        folder_seconds, folder_count = time_image_folder(folder, args, stock=True)
-        same_seconds, same_count = time_image_folder(folder, args, stock=False)
-        stream_seconds, stream_count = time_stream(scratch / "shards-0", args)
-        for name, images, seconds in [("ImageFolder+DataLoader", folder_count, folder_seconds),
-                                      ("  same, stream's decoder", same_count, same_seconds),
-                                      ("shard stream", stream_count, stream_seconds)]:
-            print(f"{name:<28}{images:>8}{seconds:>9.2f}{images / seconds:>10.0f}")
-        read_ratio = (stream_count / stream_seconds) / (folder_count / folder_seconds)
-        layout_ratio = (stream_count / stream_seconds) / (same_count / same_seconds)
-        print(f"ingest / tar: median {np.median(ratios):.2f}x of {len(ratios)} pairs "
-              f"({', '.join(f'{ratio:.2f}' for ratio in ratios)}; goal >= 0.5); "
-              f"from CPU time on idle cores: median {np.median(cpu_ratios):.2f}x")
-        if checked:
-            print(f"JPEG check, CPU per image over {checked} JPEGs: sela.data._jpeg {compiled_cost:.1f} us, simplejpeg "
-                  f"header + 1/8 decode {two_calls_cost:.1f} us: {two_calls_cost / compiled_cost:.2f}x faster")
-        print(f"stream / ImageFolder: {read_ratio:.2f}x (goal >= 1.5); "
-              f"against ImageFolder with the stream's decoder: {layout_ratio:.2f}x")
-        print(f"workers {args.workers}, batch {args.batch_size}, {args.image_size} px, "
-              f"{len(os.sched_getaffinity(0))} cores visible, load average {os.getloadavg()[0]:.1f}")
+        images = sum(1 for path in folder.rglob("*") if path.is_file())
+        print(f"{args.archive.name}: {images} images; {len(rows)} rows x {args.repeats} repeats", flush=True)
+        measured = [Row(name, root, variant, folder, scratch / f"row-{number}.log", args)
+                    for number, (name, root, variant) in enumerate(rows)]
+        try:
+            for repeat in range(args.repeats):
+                for number, row in enumerate(measured):
+                    row.measure(scratch / f"{repeat}-{number}")
+        finally:
+            for row in measured:
+                row.close()
+        results = {row.name: row.results for row in measured}
+    table = [["code", "ingest/s", "tar/s", "ingest/tar", "ingest CPU/img", "stream/s", "ImageFolder/s",
+              "stream/ImageFolder", "read_shards CPU/img", "JPEG check CPU/img"]]
+    ingest_ratios, stream_ratios, ingest_cpu, read_cpu = {}, {}, {}, {}
+    for name, _, _ in rows:
+        runs = results[name]
+        ingest_ratios[name] = [run["ingest"] / run["tar"] for run in runs]
+        stream_ratios[name] = [run["stream"] / run["image_folder"] for run in runs]
+        ingest_cpu[name] = [run["ingest_cpu_us"] for run in runs]
+        read_cpu[name] = [run["read_shards_cpu_us"] for run in runs]
+        median = {field: statistics.median(run[field] for run in runs) for field in runs[0] if field != "shards"}
+        table.append([name, f"{median['ingest']:.0f}", f"{median['tar']:.0f}", ratio_cell(ingest_ratios[name]),
+                      f"{median['ingest_cpu_us']:.1f} us", f"{median['stream']:.0f}", f"{median['image_folder']:.0f}",
+                      ratio_cell(stream_ratios[name]), f"{median['read_shards_cpu_us']:.1f} us",
+                      f"{median['jpeg_check_us']:.1f} us"])
+    widths = [max(len(row[column]) for row in table) for column in range(len(table[0]))]
+    for number, row in enumerate(table):
+        cells = zip(row[1:], widths[1:], strict=True)
+        print(row[0].ljust(widths[0]) + "".join(cell.rjust(width + 2) for cell, width in cells))
+        if number == 0:
+            print("-" * (sum(widths) + 2 * (len(widths) - 1)))
+    hand, library = rows[-2][0], rows[-1][0]
+    same = {run["shards"] for run in results[hand] + results[library]}
+    writer = [ours / theirs for ours, theirs in zip(ingest_ratios[hand], ingest_ratios[library], strict=True)]
+    reader = [ours / theirs for ours, theirs in zip(stream_ratios[hand], stream_ratios[library], strict=True)]
+    writer_cpu = [theirs / ours for ours, theirs in zip(ingest_cpu[hand], ingest_cpu[library], strict=True)]
+    reader_cpu = [theirs / ours for ours, theirs in zip(read_cpu[hand], read_cpu[library], strict=True)]
+    print(f"hand-written tar members over webdataset.TarWriter: ingest/tar {ratio_cell(writer)}, ingest CPU per "
+          f"image {ratio_cell(writer_cpu)}; shard bytes {'identical' if len(same) == 1 else 'DIFFERENT'}")
+    print(f"hand-written shard reader over webdataset.tarfile_to_samples: stream/ImageFolder {ratio_cell(reader)}, "
+          f"read_shards CPU per image {ratio_cell(reader_cpu)}")
+    print(f"kept where >= 1.5x (docs/shards.md). {images} images, workers {args.workers}, batch {args.batch_size}, "
+          f"{args.image_size} px, {len(os.sched_getaffinity(0))} cores visible, "
+          f"load average {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

@@ -21,14 +21,14 @@ PROJECT_PACKAGES = ("sela", "tasks", "flows")
 
 
 def module_files(module: str) -> list[Path]:
-    """Files Python runs (or builds from) to import ``module`` of this project: its packages' ``__init__.py``
-    files, then the module itself (``sela.data._jpeg``: its C source). Empty for other modules."""
+    """Files Python runs to import ``module`` of this project: its packages' ``__init__.py``
+    files, then the module itself. Empty for other modules."""
     parts = module.split(".")
     if parts[0] not in PROJECT_PACKAGES:
         return []
     files = [ROOT.joinpath(*parts[:depth], "__init__.py") for depth in range(1, len(parts))]
     base = ROOT.joinpath(*parts)
-    candidates = (base.with_suffix(".py"), base / "__init__.py", base.with_suffix(".c"))
+    candidates = (base.with_suffix(".py"), base / "__init__.py")
     return [path for path in files if path.exists()] + [path for path in candidates if path.exists()][:1]
 
 

@@ -68,7 +68,7 @@ REMOVED_SCHEMA = pa.schema(
 # to the end (the last batch runs alone: 1024 small files take a worker about 30 ms). A shard's worth when that is
 # near it (``_batch_size``).
 _BATCH = 1024
-_STATE_VERSION = 2  # 2: one member per sample (metadata only in the manifest)
+_STATE_VERSION = 3  # 2: one member per sample (metadata only in the manifest); 3: webdataset.TarWriter's ustar headers
 # Folder of a local output where workers spool the tar members of their batches (a local temporary folder for a
 # remote output); removed when the run ends, and by the next run after a killed one.
 SPOOL_NAME = ".spool"

@@ -77,10 +77,10 @@ def test_decompression_bombs_are_quarantined(monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_the_scaled_jpeg_check_rejects_what_a_full_size_decode_rejects() -> None:
-    # libjpeg finds damage only while entropy-decoding, which it does in full at any scale: damaged copies of a
-    # progressive and a baseline JPEG get the same verdict from the 1/8-scale check (sela.data._jpeg, the system's
-    # libjpeg) as from a strict full-size decode by another build (simplejpeg's libjpeg-turbo). The messages can
-    # differ where the two builds notice the damage at different places.
+    # libjpeg finds damage only while entropy-decoding, which it does in full at any scale: randomly damaged copies
+    # of a progressive and a baseline JPEG get the same verdict from the 1/8-scale check as from a strict full-size
+    # decode (the scale is the check's only shortcut; tests/sela/data/test_jpeg.py holds its verdicts on damage
+    # known to be damage).
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, size=(48, 64, 3), dtype=np.uint8)
     checked = 0

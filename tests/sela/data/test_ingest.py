@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import webdataset
 from PIL import Image
 
 import sela.data.ingest
@@ -19,7 +20,7 @@ import sela.data.shards
 from sela.config import ShardParams
 from sela.data.sources import escape_key
 from sela.data.ingest import ingest
-from sela.data.shards import iter_shard_samples, read_shards
+from sela.data.shards import iter_shard_samples, read_shards, shard_records, shard_urls
 from tests.conftest import PROJECT_ROOT, write_folder
 
 MAX_SIDE = 256
@@ -218,6 +219,33 @@ def test_ingest_twice_and_with_any_worker_count_gives_identical_files(tmp_path: 
 def many_images(count: int, start: int = 0, side: int = 16) -> dict[str, bytes]:
     return {f"class-{index % 3}/img {index:04d}.png": encoded(noise((side, side), index), "PNG")
             for index in range(start, start + count)}
+
+
+def test_webdatasets_own_reader_reads_the_shards_with_the_manifests_keys_and_the_stored_bytes(tmp_path: Path) -> None:
+    # Kept originals (RGB PNG and JPEG within max_side), so every stored image is its source file's bytes; one name
+    # long enough that its key (over 100 bytes) needs a pax header, and dots, spaces and non-ASCII escaped.
+    files = many_images(9)
+    files["deep/" + "a very long folder name " * 3 + "/v1.2 photo é.jpg"] = GOOD_JPEG
+    files["names/café ünï ☃.png"] = GOOD_PNG
+    source = write_folder(tmp_path / "images", files)
+    report = ingest(params(source), str(tmp_path / "shards"), workers=2)
+    assert report.quarantine.empty and max(len(key) for key in report.manifest["key"]) > 100
+
+    urls = shard_urls(tmp_path / "shards")
+    dataset = webdataset.WebDataset(urls, shardshuffle=False)
+    records = [(record["__key__"], record) for record in dataset]
+    # The hand-written reader (docs/shards.md) gives webdataset's records exactly.
+    by_webdataset = list(webdataset.tarfile_to_samples()([{"url": url} for url in urls]))
+    assert list(shard_records({"url": url} for url in urls)) == by_webdataset
+    assert [record["__key__"] for record in by_webdataset] == [key for key, _ in records]
+
+    manifest = report.manifest
+    assert [key for key, _ in records] == manifest["key"].tolist()
+    for (key, record), source_path, sha256 in zip(records, manifest["source_path"], manifest["sha256"], strict=True):
+        (extension,) = [name for name in record if not name.startswith("__")]
+        assert extension == Path(source_path).suffix[1:]
+        assert record[extension] == Path(source_path).read_bytes(), key
+        assert hashlib.sha256(record[extension]).hexdigest() == sha256
 
 
 def test_a_batch_per_shard_renames_spool_files_into_shards_with_the_same_bytes(

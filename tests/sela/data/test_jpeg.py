@@ -1,16 +1,17 @@
-"""The JPEG check (sela.data._jpeg): size, colour space and EXIF from the header, strict verdicts, limits that skip
-the decode, and one decompressor that stays usable after any failure."""
+"""The ingest's JPEG check (sela.data.images.check_jpeg, simplejpeg's libjpeg-turbo): size, colour space and EXIF from
+the header, strict verdicts on damaged baseline and progressive JPEGs, limits that skip the decode."""
 
-import contextlib
 import io
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from sela.data import _jpeg
+from sela.data.images import ImageLimits, JpegCheck, check_jpeg, inspect_image
 
 NO_LIMIT = 0
+LIMITS_NONE = ImageLimits(min_side=1, max_side=1024)
+SHAPES = [pytest.param({}, id="baseline"), pytest.param({"progressive": True}, id="progressive")]
 
 
 def encoded(mode: str, size: tuple[int, int] = (40, 24), **options: object) -> bytes:
@@ -20,12 +21,18 @@ def encoded(mode: str, size: tuple[int, int] = (40, 24), **options: object) -> b
     return buffer.getvalue()
 
 
+def scan_data_start(data: bytes) -> int:
+    """Offset of the first byte of entropy-coded data: after the first SOS marker and its header."""
+    marker = data.index(b"\xff\xda")
+    return marker + 2 + int.from_bytes(data[marker + 2 : marker + 4], "big")
+
+
 @pytest.mark.parametrize(
     ("mode", "options", "colorspace"),
     [("RGB", {}, "YCbCr"), ("RGB", {"progressive": True}, "YCbCr"), ("L", {}, "Gray"), ("CMYK", {}, "CMYK")],
 )
 def test_a_valid_jpeg_gives_its_size_and_colour_space(mode: str, options: dict, colorspace: str) -> None:
-    assert _jpeg.check(encoded(mode, **options), NO_LIMIT, 1) == (40, 24, colorspace, True, False)
+    assert check_jpeg(encoded(mode, **options), NO_LIMIT, 1) == JpegCheck(40, 24, colorspace, True, False)
 
 
 def test_exif_is_found_in_any_app1_segment_before_the_image_data() -> None:
@@ -42,46 +49,64 @@ def test_exif_is_found_in_any_app1_segment_before_the_image_data() -> None:
     late_exif = plain[:frame] + segment + plain[frame:]
     assert Image.open(io.BytesIO(late_exif)).getexif().get(0x0112) == 6
 
-    assert [_jpeg.check(data, NO_LIMIT, 1)[4] for data in (plain, with_exif, with_xmp, late_exif)] == [
+    assert [check_jpeg(data, NO_LIMIT, 1).exif for data in (plain, with_exif, with_xmp, late_exif)] == [
         False, True, False, True]
+    # What the flag is for: the late EXIF's orientation is applied (40x24 stored upright as 24x40).
+    stored = inspect_image(late_exif, LIMITS_NONE)
+    assert stored.reason is None and Image.open(io.BytesIO(stored.image)).size == (24, 40)
 
 
+@pytest.mark.parametrize("data", [b"", b"GIF89a....", b"\xff\xd8\xff\xe0"])
+def test_what_is_not_a_jpeg_raises(data: bytes) -> None:
+    with pytest.raises(ValueError):
+        check_jpeg(data, NO_LIMIT, 1)
+
+
+@pytest.mark.parametrize("options", SHAPES)
+def test_a_jpeg_cut_anywhere_in_its_image_data_is_rejected(options: dict) -> None:
+    # libjpeg only warns at a premature end (it pads the data and shows grey): strict mode makes it an error.
+    data = encoded("RGB", (64, 48), **options)
+    cuts = range(scan_data_start(data), len(data))  # every cut: in a scan, between scans, before the end marker
+
+    verdicts = {}
+    for cut in cuts:
+        with pytest.raises(ValueError) as raised:
+            check_jpeg(data[:cut], NO_LIMIT, 1)
+        verdicts[cut] = str(raised.value)
+
+    assert verdicts[len(data) - 1] == verdicts[len(data) - 200] == "Premature end of JPEG file"
+
+
+@pytest.mark.parametrize("options", SHAPES)
 @pytest.mark.parametrize(
-    ("data", "message"),
-    [(b"", "Empty input file"), (b"GIF89a....", "Not a JPEG file: starts with 0x47 0x49")],
+    ("damage", "message"),
+    [(b"\xff\xd3", "Corrupt JPEG data: premature end of data segment"),  # a restart marker none was declared for
+     (b"\xff\x47", "Unsupported marker type 0x47")],  # not a marker at all: stuffing (0xff 0x00) is gone
 )
-def test_what_is_not_a_jpeg_raises_libjpegs_message(data: bytes, message: str) -> None:
+def test_a_marker_inside_the_entropy_coded_data_is_rejected(options: dict, damage: bytes, message: str) -> None:
+    data = encoded("RGB", (64, 48), **options)
+    position = scan_data_start(data) + 16
+    damaged = data[:position] + damage + data[position + len(damage) :]
+
     with pytest.raises(ValueError, match=message):
-        _jpeg.check(data, NO_LIMIT, 1)
+        check_jpeg(damaged, NO_LIMIT, 1)
+    assert inspect_image(damaged, LIMITS_NONE).reason == f"corrupt image: {message}"
 
 
-def test_truncated_and_damaged_data_are_errors_in_strict_mode() -> None:
+def test_flipped_bits_in_a_baseline_scan_are_corrupt_data() -> None:
     data = encoded("RGB")
-    with pytest.raises(ValueError, match="Premature end of JPEG file"):  # a warning in libjpeg, an error here
-        _jpeg.check(data[: len(data) - 200], NO_LIMIT, 1)
     damaged = bytearray(data)
     damaged[len(data) // 2] ^= 0xFF
+
     with pytest.raises(ValueError, match="Corrupt JPEG data"):
-        _jpeg.check(bytes(damaged), NO_LIMIT, 1)
+        check_jpeg(bytes(damaged), NO_LIMIT, 1)
 
 
 def test_an_image_outside_the_limits_is_measured_but_not_decoded() -> None:
     truncated = encoded("RGB")[:-200]  # the header is intact; decoding it would fail
 
-    assert _jpeg.check(truncated, 40 * 24 - 1, 1) == (40, 24, "YCbCr", False, False)  # too many pixels
-    assert _jpeg.check(truncated, NO_LIMIT, 25) == (40, 24, "YCbCr", False, False)  # a side below min_side
-    with pytest.raises(ValueError):
-        _jpeg.check(truncated, 40 * 24, 24)  # exactly at both limits: decoded
-
-
-def test_the_reused_decompressor_recovers_from_every_kind_of_stop() -> None:
-    # One decompressor serves every call: after a failure in the header, in the data or a skipped decode, the next
-    # image must be read from scratch (a leftover state would mis-size or reject it).
-    small, large = encoded("RGB", (9, 13)), encoded("L", (64, 48), progressive=True)
-    stops = [lambda: _jpeg.check(b"\xff\xd8\xff\xe0", NO_LIMIT, 1), lambda: _jpeg.check(large[:-50], NO_LIMIT, 1),
-             lambda: _jpeg.check(large, 10, 1)]
-    for stop in stops:
-        with contextlib.suppress(ValueError):
-            stop()
-        assert _jpeg.check(small, NO_LIMIT, 1) == (9, 13, "YCbCr", True, False)
-        assert _jpeg.check(memoryview(large), NO_LIMIT, 1) == (64, 48, "Gray", True, False)  # any bytes-like
+    assert check_jpeg(truncated, 40 * 24 - 1, 1) == (40, 24, "YCbCr", False, False)  # too many pixels
+    assert check_jpeg(truncated, NO_LIMIT, 25) == (40, 24, "YCbCr", False, False)  # a side below min_side
+    with pytest.raises(ValueError, match="Premature end of JPEG file"):
+        check_jpeg(truncated, 40 * 24, 24)  # exactly at both limits: decoded
+    assert check_jpeg(memoryview(encoded("L")), NO_LIMIT, 1) == (40, 24, "Gray", True, False)  # any bytes-like
