@@ -16,7 +16,7 @@ own tar writer and reader), each figure against its baseline measured in the sam
      (docs/shards.md), which the last lines print.
 3. Columns: ``ingest/tar``, images/s of ``sela.data.ingest`` (full decode-validation on ``--workers`` processes) over
    ``tar -cf`` of the same folder (the disk-speed baseline, goal >= 0.5); ``stream/ImageFolder``, images/s of
-   ``sela.data.stream.ShardStream`` over torchvision's stock ``ImageFolder`` + ``DataLoader`` (PIL loader,
+   the training loader (``sela.data.loader``) over torchvision's stock ``ImageFolder`` + ``DataLoader`` (PIL loader,
    ``PILToTensor``) on the folder, same batch size and workers (goal >= 1.5); the ingest's CPU per image (main
    process and decode workers); ``read_shards``' CPU per image (every sample decoded into one array in one
    process: how the pipeline's tasks read the shards); the JPEG check alone (CPU per image, best of 3 passes over
@@ -112,12 +112,14 @@ def time_image_folder(folder: Path, args: argparse.Namespace) -> tuple[float, in
 
 
 def time_stream(output: Path, args: argparse.Namespace) -> tuple[float, int]:
-    from sela.data.stream import ShardStream, StreamSettings
+    """One training pass of the loader the training loop reads through (``sela.data.loader``: 16 shards at a time
+    per worker, a shuffle buffer of 1,000, decoded batches)."""
+    from sela.data.loader import pass_loader, plan_pass, shard_table
 
-    settings = StreamSettings(image_size=args.image_size, batch_size=args.batch_size, shuffle_buffer=1000, seed=0,
-                              rank=0, world_size=1, num_workers=args.workers)
+    plan = plan_pass(shard_table(output), rank=0, world_size=1, workers=args.workers, batch_size=args.batch_size,
+                     shuffle_seed=0, seed=0, buffer=1000, interleave=16)
     start = time.perf_counter()
-    count = sum(len(batch.keys) for batch in ShardStream(output, settings))
+    count = sum(len(batch.indices) for batch in pass_loader(plan, args.image_size, args.workers))
     return time.perf_counter() - start, count
 
 
@@ -192,11 +194,11 @@ def use_webdataset() -> None:
     """Make the ingest, the stream and ``read_shards`` do their tar work through webdataset (forked workers
     inherit it)."""
     import sela.data.ingest
+    import sela.data.loader
     import sela.data.shards
-    import sela.data.stream
 
     sela.data.ingest.inspect_batch = tar_writer_inspect_batch
-    sela.data.stream.shard_records = sela.data.shards.shard_records = webdataset_records
+    sela.data.loader.shard_records = sela.data.shards.shard_records = webdataset_records
 
 
 def shard_digest(output: Path) -> str:
