@@ -106,6 +106,8 @@ def run_training(run: TrainingRun, params: TrainParams) -> Checkpoint:
                                "images_per_second": summary["images"] / seconds})
         if run.plan_epochs is not None:
             params = params.model_copy(update={"epochs": run.plan_epochs(checkpoint.epoch, durations)})
+    # A finished run is never resumed: its epoch logits (N x S floats over all ranks) would only take disk space.
+    state.remove_epoch_logits(run.state_dir, processes.rank, None)
     _emit(run, processes, {"kind": "done", "epochs": checkpoint.epoch})
     return checkpoint
 
