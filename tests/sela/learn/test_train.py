@@ -70,6 +70,7 @@ def test_heads_cross_entropy_is_the_mean_of_each_heads_loss():
     assert int(correct) == sum(int((h.argmax(1) == t).sum()) for h, t in zip(heads, targets, strict=True))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 def test_loss_goes_down_on_fixed_labels_in_either_precision_with_float32_weights(digits, precision):
     images, truth = digits
@@ -99,6 +100,7 @@ def test_relabel_is_balanced_and_records_diagnostics(digits):
     assert checkpoint.cluster_potentials[0] is not None and checkpoint.history[-1]["kind"] == "relabel"
 
 
+@pytest.mark.slow
 def test_overclustering_heads_are_trained_relabelled_and_not_exported(digits):
     images, _ = digits
     params = load_params(PROJECT_ROOT / "params.yaml", {
@@ -115,7 +117,7 @@ def test_overclustering_heads_are_trained_relabelled_and_not_exported(digits):
 
 
 def test_checkpoint_round_trip(tmp_path, digits):
-    images, _ = digits
+    images = digits[0][:256]  # what is saved does not depend on the number of images: a few batches are enough
     params = small_params()
     checkpoint = train.new_checkpoint(params, len(images))
     train.relabel(checkpoint, images, params, torch.device("cpu"))
@@ -129,6 +131,7 @@ def test_checkpoint_round_trip(tmp_path, digits):
     assert not (tmp_path / "c.pt.tmp").exists()
 
 
+@pytest.mark.slow
 def test_relabel_from_last_epoch_reuses_the_epoch_outputs(digits, monkeypatch):
     images, _ = digits
     params = small_params(**{"train.relabel_from": "last_epoch"})
@@ -176,6 +179,7 @@ def test_gpu_epoch_relabel_and_export(digits, tmp_path):
     assert not loaded.epoch_logits[0].is_cuda and np.array_equal(loaded.labels, checkpoint.labels)
 
 
+@pytest.mark.slow
 def test_one_head_in_turn_after_a_first_relabel_of_every_head(digits):
     images, _ = digits
     params = small_params(**{"train.num_heads": 3, "train.relabel_heads": "one_in_turn",
