@@ -1,4 +1,5 @@
-# sela: `make run` (set up + run the main job on the embedded default), `make test` (set up + run the tests).
+# sela: `make run` (set up + run the main job on the embedded default), `make test` (set up + run the tests),
+# `make test-fast` (set up + the tests not marked slow: the developer loop, under a minute).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -11,7 +12,7 @@ export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 90
 export PREFECT_API_URL := http://127.0.0.1:$(PORT)/api
 
-.PHONY: run test setup lock browser server serve stop repro lint
+.PHONY: run test test-fast setup lock browser server serve stop repro lint
 
 setup: $(VENV)/.installed $(VENV)/.sela
 
@@ -68,3 +69,7 @@ browser:
 test: setup browser
 	$(BIN)/ruff check .
 	unset PREFECT_API_URL; $(BIN)/python -m pytest -q tests
+
+# No browser, no whole-pipeline runs, no DVC round trips: what `pytest -m slow` selects is left to `make test` (CI).
+test-fast: setup
+	unset PREFECT_API_URL; $(BIN)/python -m pytest -q -m "not slow" tests

@@ -84,6 +84,7 @@ def run_dvc(project: Path, *args: str, env: dict | None = None) -> str:
     return result.stdout
 
 
+@pytest.mark.slow
 def test_repro_twice_then_pull_from_a_cacheless_clone(prefect_api_url, tmp_path):
     project = make_project(tmp_path / "project")
     path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"  # the stages' `python` is this interpreter

@@ -330,6 +330,7 @@ ingest(ShardParams(source={source!r}, image_size=16, samples_per_shard=20, min_s
 """
 
 
+@pytest.mark.slow
 def test_killed_ingest_resumes_to_the_same_bytes_as_an_uninterrupted_run(tmp_path: Path) -> None:
     # RGBA images need converting and re-encoding: slow enough (~ms each) to be killed half way.
     files = {f"{index:04d}.png": encoded(noise((96, 96), index, mode="RGBA"), "PNG") for index in range(400)}

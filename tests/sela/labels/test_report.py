@@ -73,6 +73,7 @@ def render(page) -> str:
     return result.stdout
 
 
+@pytest.mark.slow
 def test_report_renders_every_cluster_with_no_broken_image(tmp_path):
     images, labels, confidence = synthetic()
     charts = {"cluster_sizes": cluster_size_chart(np.bincount(labels).tolist())}
@@ -87,6 +88,7 @@ def test_report_renders_every_cluster_with_no_broken_image(tmp_path):
     assert "all 9 images loaded" in dom and "http" not in dom.split("<body")[0]  # nothing fetched from a CDN
 
 
+@pytest.mark.slow
 def test_a_broken_image_is_reported_by_the_page(tmp_path):
     images, labels, confidence = synthetic()
     write_report(tmp_path, "test set", images, labels, confidence, 6, {}, {}, 4)

@@ -37,6 +37,7 @@ def run(shards: Path, folder: Path, events: list | None = None, **changes) -> tu
     return run_training(setup, small_params(**changes).train), events
 
 
+@pytest.mark.slow
 def test_relabels_are_balanced_reuse_the_last_epoch_and_every_image_is_seen_once(shards, tmp_path, monkeypatch):
     real_pass = loop.fresh_pass
     passes = []
@@ -67,6 +68,7 @@ def test_overclustering_heads_are_trained_relabelled_and_not_exported(shards, tm
     assert final.labels.shape == (2, 20) and final.labels.max() <= 9
 
 
+@pytest.mark.slow
 def test_one_head_in_turn_after_a_first_relabel_of_every_head(shards, tmp_path):
     _, events = run(shards, tmp_path, **{"train.num_heads": 3, "train.relabel_heads": "one_in_turn",
                                          "train.epochs": 4, "train.num_relabels": 4})
@@ -74,6 +76,7 @@ def test_one_head_in_turn_after_a_first_relabel_of_every_head(shards, tmp_path):
     assert solved == [[0, 1, 2], [0], [1], [2]]
 
 
+@pytest.mark.slow
 def test_an_interrupted_run_resumes_after_its_last_epoch_and_ends_with_the_same_labels(shards, tmp_path):
     whole, _ = run(shards, tmp_path / "whole", **{"train.epochs": 3, "train.num_relabels": 3})
 

@@ -69,6 +69,7 @@ def test_heads_cross_entropy_is_the_mean_of_each_heads_loss():
     assert int(correct) == sum(int((h.argmax(1) == t).sum()) for h, t in zip(heads, targets, strict=True))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 def test_loss_goes_down_on_fixed_labels_in_either_precision_with_float32_weights(digits, precision):
     images, truth = digits

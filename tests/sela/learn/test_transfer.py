@@ -1,6 +1,7 @@
 """sela.learn.transfer: a fresh network of another architecture learns labels that follow the images."""
 
 import numpy as np
+import pytest
 import torch
 
 from sela.config import load_params
@@ -20,6 +21,7 @@ def quadrant_images(count: int = 320, seed: int = 0):
     return torch.from_numpy(images), labels
 
 
+@pytest.mark.slow
 def test_labels_that_follow_the_images_transfer_and_shuffled_ones_do_not():
     params = load_params(PROJECT_ROOT / "params.yaml", {
         "transfer.architecture": "small_resnet", "transfer.width": 8, "transfer.epochs": 6, "transfer.batch_size": 32,

@@ -102,6 +102,7 @@ def repo(tmp_path: Path) -> Path:
     return repo
 
 
+@pytest.mark.slow
 def test_publish_matches_dvc_repro_state(repo: Path, tmp_path: Path) -> None:
     run_stages(repo, 3)
 
@@ -128,6 +129,7 @@ def test_publish_matches_dvc_repro_state(repo: Path, tmp_path: Path) -> None:
     assert dvc(repo, "status", "--cloud", "--json").stdout.strip() == "{}"  # everything pushed
 
 
+@pytest.mark.slow
 def test_cacheless_clone_can_get_and_open_the_tag(repo: Path, tmp_path: Path) -> None:
     import dvc.api
 
@@ -142,6 +144,7 @@ def test_cacheless_clone_can_get_and_open_the_tag(repo: Path, tmp_path: Path) ->
         assert fobj.read() == labels
 
 
+@pytest.mark.slow
 def test_second_version_after_params_change(repo: Path, tmp_path: Path) -> None:
     labels_v1 = run_stages(repo, 3)
     assert publish_version(repo, OUTPUTS, "labels", "v1")["tag"] == "labels-v1"
@@ -162,6 +165,7 @@ def test_second_version_after_params_change(repo: Path, tmp_path: Path) -> None:
     assert dvc_get(str(clone), "labels-v2", tmp_path) == labels_v2
 
 
+@pytest.mark.slow
 def test_failed_push_creates_no_tag_and_retry_succeeds(repo: Path, tmp_path: Path) -> None:
     # chmod does not stop root; a path *under a regular file* fails for everyone (ENOTDIR).
     blocker = tmp_path / "blocker"
@@ -204,6 +208,7 @@ def test_ensure_default_remote_is_idempotent_and_absolute(repo: Path, tmp_path: 
     assert ensure_default_remote(repo, Path("store")) == str(repo / "store")
 
 
+@pytest.mark.slow
 def test_falls_back_to_pipeline_identity(repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     git(repo, "config", "--unset", "user.name")
     git(repo, "config", "--unset", "user.email")
@@ -229,6 +234,7 @@ def test_rejects_outputs_the_pipeline_does_not_declare(repo: Path) -> None:
         publish_version(repo, ["missing.bin"], "labels", "v1")
 
 
+@pytest.mark.slow
 def test_relative_remote_url_breaks_consumers_of_a_clone(repo: Path, tmp_path: Path) -> None:
     """Pins the DVC behaviour behind the absolute-path choice: relative URLs resolve against the *clone*."""
     run_stages(repo, 3)

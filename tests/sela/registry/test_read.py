@@ -5,17 +5,23 @@ its DVC cache is then deleted, so everything the consumer gets comes from the DV
 """
 
 import json
+import re
 import shutil
 import subprocess
 import tempfile
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
+from sela.labels.card import SUMMARY_METRICS
 from sela.registry.cli import main, run
 from sela.registry.read import RegistryError, diff_versions, list_versions, load_labels, pull_labels, show_card
 from tests.conftest import make_project
+
+# Every test here reads the versions the fixture publishes: three runs of the whole pipeline.
+pytestmark = pytest.mark.slow
 
 RUNS = [None, {"train": {"seed": 1}}, {"train": {"num_clusters": 12}}]
 
@@ -54,11 +60,16 @@ def test_every_version_pulls_byte_identical_from_a_cacheless_clone(published, tm
 
 
 def test_list_shows_each_version_with_its_parameters_and_metrics(published):
-    clone, _ = published
+    clone, published_versions = published
     versions = list_versions(str(clone))
     assert [(v.tag, v.num_images, v.num_clusters) for v in versions] == [
         ("labels-v1", 1797, 10), ("labels-v2", 1797, 10), ("labels-v3", 1797, 12)]
-    assert all(0 < v.metrics["nmi"] <= 1 and v.date.startswith("20") for v in versions)
+    for version, (_, _, card) in zip(versions, published_versions, strict=True):  # each version its own numbers
+        assert version.metrics == {name: card["metrics"][name] for name in SUMMARY_METRICS if name != "num_images"}
+        assert version.commit == subprocess.run(["git", "rev-parse", f"{version.tag}^{{commit}}"], cwd=clone,
+                                                capture_output=True, text=True, check=True).stdout.strip()
+    dates = [datetime.fromisoformat(v.date) for v in versions]  # when each was tagged, in publishing order
+    assert dates == sorted(dates) and datetime.now(UTC) - timedelta(hours=1) < dates[0] <= datetime.now(UTC)
     table = run(["labels", "list", str(clone)])
     assert table.splitlines()[0].split()[:4] == ["version", "date", "images", "clusters"]
     assert "labels-v3" in table.splitlines()[3]
@@ -69,7 +80,9 @@ def test_cards_chain_versions_and_keep_cluster_ids_stable(published):
     cards = [show_card(str(clone), tag) for tag, _, _ in versions]
     assert [card["parent_version"] for card in cards] == [None, "labels-v1", "labels-v2"]
     assert not list(Path(tempfile.gettempdir()).glob("sela-parent-*.parquet"))  # each parent's copy was removed
-    assert cards[2]["params"]["train"]["num_clusters"] == 12 and cards[0]["data_manifest_sha256"]
+    assert cards[2]["params"]["train"]["num_clusters"] == 12
+    hashes = {card["data_manifest_sha256"] for card in cards}
+    assert len(hashes) == 1 and re.fullmatch(r"[0-9a-f]{64}", hashes.pop())  # the same images made every version
     for card in cards[1:]:
         for head in card["cluster_id_alignment"]:
             assert sorted(head["output_to_label"]) == list(range(card["params"]["train"]["num_clusters"]))

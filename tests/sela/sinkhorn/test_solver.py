@@ -284,6 +284,7 @@ def sharded_worker(rank: int, world_size: int, directory: str) -> None:
         distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_give_the_single_process_solution(tmp_path):
     import torch.multiprocessing
 
