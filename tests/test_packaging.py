@@ -17,7 +17,7 @@ import setuptools
 from tests.conftest import PROJECT_ROOT
 
 # What a clone holds that the build could pick up: the packaging files and every folder of Python code.
-BUILD_INPUTS = ["pyproject.toml", "setup.py", "sela", "tasks", "flows", "tests", "scripts", "benchmarks"]
+BUILD_INPUTS = ["pyproject.toml", "sela", "tasks", "flows", "tests", "scripts", "benchmarks"]
 
 
 def can_build_wheels() -> bool:
@@ -59,8 +59,9 @@ def wheel_contents(project: Path, work: Path) -> tuple[list[str], str]:
             names = archive.namelist()
             [entry_points] = [name for name in names if name.endswith(".dist-info/entry_points.txt")]
             return names, archive.read(entry_points).decode()
-    build(["setup.py", "--quiet", "egg_info", "--egg-base", str(work), "build_py", "--build-lib",
-           str(work / "lib")], project)
+    # No setup.py in the project: setuptools' own entry point, configured by pyproject.toml alone.
+    build(["-c", "from setuptools import setup; setup()", "--quiet", "egg_info", "--egg-base", str(work),
+           "build_py", "--build-lib", str(work / "lib")], project)
     names = [path.relative_to(work / "lib").as_posix() for path in (work / "lib").rglob("*") if path.is_file()]
     names += [f"sela.egg-info/{path.name}" for path in (work / "sela.egg-info").iterdir()]
     return names, (work / "sela.egg-info/entry_points.txt").read_text()
