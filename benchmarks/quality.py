@@ -157,7 +157,7 @@ def main() -> None:
     parser.add_argument("--overrides", default="{}", help='JSON of params.yaml overrides, e.g. \'{"train.width": 48}\'')
     parser.add_argument("--device", default="cpu", help="torch device for training and scoring, e.g. cuda")
     parser.add_argument("--loader-workers", type=int, default=-1,
-                        help="decoding processes of the training stream (default: 1 on a CPU, 8 on a GPU)")
+                        help="decoding processes of the training stream (default: none on a CPU, 8 on a GPU)")
     parser.add_argument("--report", type=Path, default=None, help="write the label set's visual report here")
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="save the trained checkpoint here (sela.learn.train.save_checkpoint) for later study")
@@ -170,7 +170,7 @@ def main() -> None:
 
     device_overrides = GPU_OVERRIDES if device.type == "cuda" else {}
     params = load_params(ROOT / "params.yaml", {**CIFAR_OVERRIDES, **device_overrides, **json.loads(args.overrides)})
-    loader_workers = args.loader_workers if args.loader_workers >= 0 else (1 if device.type == "cpu" else 8)
+    loader_workers = args.loader_workers if args.loader_workers >= 0 else (0 if device.type == "cpu" else 8)
     with tempfile.TemporaryDirectory() as temporary:
         cache, scratch = args.cache or Path(temporary), Path(temporary)
         started = time.perf_counter()

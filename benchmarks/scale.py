@@ -77,8 +77,11 @@ def child_memory(shards: str, state: str) -> None:
 
 def peak_memory(shards: Path, scratch: Path) -> dict[str, float]:
     with tempfile.TemporaryDirectory(dir=scratch) as state:
-        output = subprocess.run([sys.executable, __file__, "--child-memory", str(shards), state], check=True,
-                                capture_output=True, text=True).stdout
+        result = subprocess.run([sys.executable, __file__, "--child-memory", str(shards), state],
+                                capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"the training run on {shards} failed:\n{result.stderr[-3000:]}")
+    output = result.stdout
     return json.loads(output.strip().splitlines()[-1])
 
 
@@ -119,15 +122,17 @@ def processes(shards: Path, scratch: Path, count: int) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", type=Path, required=True, help="folder with CIFAR-10's train.tar.gz")
+    parser.add_argument("--dataset", type=Path, help="folder with CIFAR-10's train.tar.gz (required)")
     parser.add_argument("--scratch", type=Path, default=Path(tempfile.gettempdir()) / "sela-scale",
                         help="shards and runs (kept between runs)")
-    parser.add_argument("--loader-workers", type=int, default=1)
+    parser.add_argument("--loader-workers", type=int, default=0)
     parser.add_argument("--child-memory", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_memory:
         child_memory(*args.child_memory)
         return
+    if args.dataset is None:
+        parser.error("--dataset DIR is required")
     args.scratch.mkdir(parents=True, exist_ok=True)
     base = cifar_shards(args.dataset / "train.tar.gz", args.scratch / "cifar-train")
     large = repeated_shards(base, args.scratch / "cifar-train-x4", 4)

@@ -38,12 +38,13 @@ def device_name() -> str:
 
 
 def loader_workers(device: "torch.device") -> int:
-    """``SELA_LOADER_WORKERS`` if set, else: on a CPU one decoding process beside the training step (more steal
-    the step's cores); on a GPU the cores of this node shared by its processes, at most 8."""
+    """``SELA_LOADER_WORKERS`` if set, else: on a CPU none (decoding in the training process: on 2 cores a worker
+    beside the step's two threads ran CIFAR-10 epochs at 4,700 images/s against 5,300 inline); on a GPU the cores of
+    this node shared by its processes, at most 8."""
     requested = os.environ.get("SELA_LOADER_WORKERS")
     if requested:
         return int(requested)
     if device.type == "cpu":
-        return 1
+        return 0
     per_process = len(os.sched_getaffinity(0)) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return max(1, min(8, per_process - 1))

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sela.config import load_params
 from sela.sinkhorn.solver import (
     SinkhornMemoryError,
     TorchDistributed,
@@ -15,7 +16,7 @@ from sela.sinkhorn.solver import (
     sinkhorn_knopp,
     transport_plan,
 )
-from tests.conftest import to_numpy
+from tests.conftest import PROJECT_ROOT, to_numpy
 
 
 def paper_update(logits: np.ndarray, sharpness: float, dtype=np.float64, tolerance: float = 0.1, limit: int = 100_000):
@@ -164,6 +165,36 @@ def test_logits_of_minus_infinity_are_probabilities_of_zero(xp):
     result = sinkhorn_knopp(xp.asarray(logits), 25.0, stop_rule="marginal", tolerance=1e-3)
     labels = to_numpy(result.labels)
     assert result.converged and 0 not in labels[:50] and np.bincount(labels, minlength=10)[0] == 20
+
+
+def test_params_default_stops_converged_on_confident_logits_and_agrees_with_a_tight_solve(xp):
+    # A confident network at lambda 25 (median top-2 logit gap 9, as digits late in training): the paper's rule at 0.1
+    # sums |u_i / u_i' - 1| over the N images and is still above 0.1 at the cap, the issue's `converged: False`.
+    settings = load_params(PROJECT_ROOT / "params.yaml").train.sinkhorn
+    logits = xp.asarray(noisy_logits(2000, 10, signal=6.0, seed=0) * 2)
+    solve = {"storage": settings.dtype, "max_iterations": settings.max_iterations}
+    result = sinkhorn_knopp(logits, settings.sharpness, tolerance=settings.tolerance, stop_rule=settings.stop_rule,
+                            **solve)
+    reference = sinkhorn_knopp(logits, settings.sharpness, stop_rule="marginal", tolerance=1e-6, storage="float64",
+                               max_iterations=100_000)
+    assert reference.converged
+    assert result.converged and result.iterations < 0.75 * settings.max_iterations
+    assert np.mean(to_numpy(result.labels) == to_numpy(reference.labels)) >= 0.99
+    assert result.column_marginal_error < 0.02  # clusters within 2% of N / K (soft sizes)
+    paper = sinkhorn_knopp(logits, settings.sharpness, stop_rule="official", tolerance=0.1, **solve)
+    assert not paper.converged and paper.iterations == settings.max_iterations
+
+
+def test_official_error_grows_with_the_number_of_images_and_the_marginal_error_does_not(xp):
+    # Every row four times: the same plan (same potentials and labels), the official sum four times larger.
+    logits = noisy_logits(1000, 10, signal=3.0, seed=9)
+    settings = {"tolerance": 1e-30, "max_iterations": 31, "storage": "float64"}
+    for stop_rule in ("official", "marginal"):
+        once = sinkhorn_knopp(xp.asarray(logits), 25.0, stop_rule=stop_rule, **settings)
+        four = sinkhorn_knopp(xp.asarray(np.tile(logits, (4, 1))), 25.0, stop_rule=stop_rule, **settings)
+        np.testing.assert_allclose(to_numpy(four.log_cluster_potential), to_numpy(once.log_cluster_potential),
+                                   atol=1e-9)
+        assert four.error == pytest.approx(once.error * (4 if stop_rule == "official" else 1), rel=1e-6)
 
 
 def test_unconverged_result_says_so():
