@@ -8,6 +8,7 @@ Machine settings are torchrun's own environment variables (``PET_NPROC_PER_NODE`
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -48,7 +49,7 @@ def launch_training(root: str, params: TrainParams, on_event: Callable[[dict[str
     """Run torchrun under the state folder's lock, passing rank 0's events to ``on_event`` as they come; returns
     them all. Raises ``TrainingLockedError`` if a run holds the folder, ``TrainingFailedError`` if a rank fails."""
     state_dir = Path(root) / TRAIN_STATE
-    with training_lock(state_dir):
+    with training_lock(state_dir) as lock:
         (state_dir / PARAMS_FILE).write_text(params.model_dump_json())
         progress = state_dir / PROGRESS_FILE
         progress.write_text("")
@@ -56,23 +57,36 @@ def launch_training(root: str, params: TrainParams, on_event: Callable[[dict[str
         with (state_dir / LOG_FILE).open("w") as log:
             # The ranks run this checkout's code (the one this task imported), wherever ``root`` is.
             path = os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))
+            # torchrun inherits the lock: if this process dies, the run still holds its folder until it ends.
             process = subprocess.Popen(torchrun_command(root), cwd=root, stdout=log, stderr=subprocess.STDOUT,
-                                       env={**os.environ, "PYTHONPATH": path}, start_new_session=True)
-            with progress.open() as reader:
-                while True:
-                    finished = process.poll() is not None
-                    for line in reader.readlines():
-                        events.append(json.loads(line))
-                        on_event(events[-1])
-                    if finished:
-                        break
-                    time.sleep(poll_seconds)
+                                       env={**os.environ, "PYTHONPATH": path}, start_new_session=True,
+                                       pass_fds=(lock,))
+            try:
+                _follow(process, progress, events, on_event, poll_seconds)
+            finally:
+                if process.poll() is None:  # this task was cancelled or interrupted: stop the ranks with it
+                    os.killpg(process.pid, signal.SIGTERM)
+                    process.wait()
         if process.returncode != 0:
             log_text = (state_dir / LOG_FILE).read_text()
             raise TrainingFailedError(f"training failed (torchrun exit code {process.returncode}): "
                                       f"{_root_cause(log_text)}\nThe checkpoint keeps the last completed epoch and a "
                                       f"rerun resumes there. End of {state_dir / LOG_FILE}:\n{log_text[-4000:]}")
         return events
+
+
+def _follow(process: subprocess.Popen, progress: Path, events: list[dict[str, Any]],
+            on_event: Callable[[dict[str, Any]], None], poll_seconds: float) -> None:
+    """Pass rank 0's events to ``on_event`` as they are appended, until torchrun exits."""
+    with progress.open() as reader:
+        while True:
+            finished = process.poll() is not None
+            for line in reader.readlines():
+                events.append(json.loads(line))
+                on_event(events[-1])
+            if finished:
+                return
+            time.sleep(poll_seconds)
 
 
 def _root_cause(log_text: str) -> str:

@@ -34,11 +34,12 @@ def fingerprint(params: TrainParams, manifest_sha256: str) -> str:
 
 
 @contextmanager
-def training_lock(state_dir: Path) -> Iterator[None]:
-    """Hold the state folder for the duration: a second run in the same place is refused, naming the first.
+def training_lock(state_dir: Path) -> Iterator[int]:
+    """Hold the state folder for the duration: a second run in the same place is refused, naming the first. Yields
+    the lock's file descriptor: a child process that inherits it holds the lock too, for as long as it lives.
 
-    ``flock`` is released by the kernel when its process dies (even by SIGKILL): a crashed run never blocks the
-    next one."""
+    ``flock`` is released by the kernel when the last process holding it dies (even by SIGKILL): a crashed run
+    never blocks the next one."""
     state_dir.mkdir(parents=True, exist_ok=True)
     path = state_dir / "lock"
     handle = open(path, "a+")  # noqa: SIM115 - held open for the whole run
@@ -55,7 +56,7 @@ def training_lock(state_dir: Path) -> Iterator[None]:
         handle.truncate()
         handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         handle.flush()
-        yield
+        yield handle.fileno()
     finally:
         fcntl.flock(handle, fcntl.LOCK_UN)
         handle.close()
