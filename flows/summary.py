@@ -29,7 +29,7 @@ def main(root: Path = Path(".")) -> None:
         print(f"pull it   : .venv/bin/sela labels pull {root} --version {tag} -o labels.parquet")
         print(f"   or     : dvc get {root} {LABELS} --rev {tag} -o labels.parquet")
     ui = os.environ.get("PREFECT_API_URL", "http://127.0.0.1:4200/api").removesuffix("/api")
-    print(f"Prefect UI: {ui} (flow runs, task runs per epoch and relabel, artifacts)")
+    print(f"Prefect UI: {ui} (flow runs, the train task's log of every epoch and relabel, progress and artifacts)")
 
 
 if __name__ == "__main__":
