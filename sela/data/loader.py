@@ -114,8 +114,9 @@ def batch_sizes(count: int, batch_size: int, num_batches: int) -> list[int]:
 class StreamPlan:
     """What one rank reads in one pass: its loader workers' parts and how each is cut into batches.
 
-    ``batches_per_worker`` is the same on every rank (training: ``smallest part // batch_size``, so that every
-    rank runs the same number of steps and no batch is smaller than ``batch_size``); 0 means ceil(part / batch),
+    ``batches_per_worker`` is the same on every rank (training: ``smallest part // batch_size``, at least one, so
+    that every rank runs the same number of steps and no batch is smaller than ``batch_size`` unless a part is);
+    0 means ceil(part / batch),
     for passes without collectives between batches (relabel, export).
     """
 
@@ -155,10 +156,11 @@ def plan_pass(table: ShardTable, *, rank: int, world_size: int, workers: int, ba
     smallest = table.num_images // (world_size * readers)
     per_worker = 0
     if equal_steps:
-        per_worker = smallest // batch_size
-        if per_worker == 0:
-            raise ValueError(f"{table.num_images} images give no full batch of {batch_size} to each of "
-                             f"{world_size} ranks x {readers} loader workers: lower the batch size or the counts")
+        # A collection smaller than a batch a worker trains on one batch of what there is (BatchNorm needs two).
+        per_worker = max(1, smallest // batch_size)
+        if smallest < 2:
+            raise ValueError(f"{table.num_images} images cannot give two to each of {world_size} ranks x {readers} "
+                             "loader workers: use fewer processes or workers")
     mine = everyone[rank * readers : (rank + 1) * readers]
     return StreamPlan(table, mine, batch_size, per_worker, buffer, seed * 1_000 + rank, interleave)
 

@@ -13,7 +13,7 @@ def test_overrides_are_written_with_comments_kept(tmp_path):
     params = load_params(tmp_path / "params.yaml")
     assert params.train.num_clusters == 12 and params.train.sinkhorn.sharpness == 20
     text = (tmp_path / "params.yaml").read_text()
-    assert "# lambda of the paper" in text and "# the paper's stopping rule" in text
+    assert "# lambda of the paper" in text and "# every cluster within 1% of N/K" in text
 
 
 def test_an_invalid_override_leaves_the_file_untouched(tmp_path):

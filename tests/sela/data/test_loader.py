@@ -63,6 +63,8 @@ def test_an_epoch_is_reproducible_and_epochs_differ(shards):
     assert not np.array_equal(order(shards, 1), order(shards, 2))
 
 
-def test_too_few_images_for_a_batch_per_worker_is_refused(shards):
-    with pytest.raises(ValueError, match="no full batch"):
-        plan_pass(shard_table(shards), rank=0, world_size=4, workers=4, batch_size=256, shuffle_seed=0, seed=0)
+def test_a_part_smaller_than_a_batch_is_one_batch_and_a_part_of_one_image_is_refused(shards):
+    plan = plan_pass(shard_table(shards), rank=0, world_size=4, workers=4, batch_size=256, shuffle_seed=0, seed=0)
+    assert all(plan.worker_batches(worker) in ([112], [113]) for worker in range(4))  # 1797 / 16 parts, whole
+    with pytest.raises(ValueError, match="cannot give two"):
+        plan_pass(shard_table(shards), rank=0, world_size=100, workers=10, batch_size=256, shuffle_seed=0, seed=0)
