@@ -131,6 +131,8 @@ def main() -> None:
     parser.add_argument("--scratch", type=Path, default=Path(tempfile.gettempdir()) / "sela-scale",
                         help="shards and runs (kept between runs)")
     parser.add_argument("--loader-workers", type=int, default=0)
+    parser.add_argument("--parts", type=lambda text: {int(part) for part in text.split(",")}, default={1, 2, 3},
+                        help="which measurements to run, e.g. 2,3 (default: all)")
     parser.add_argument("--rounds", type=int, default=2, help="speed: alternations of the two loops")
     parser.add_argument("--epochs", type=int, default=2, help="speed: timed epochs of each loop per round")
     parser.add_argument("--child-memory", nargs=2, help=argparse.SUPPRESS)
@@ -142,40 +144,43 @@ def main() -> None:
         parser.error("--dataset DIR is required")
     args.scratch.mkdir(parents=True, exist_ok=True)
     base = cifar_shards(args.dataset / "train.tar.gz", args.scratch / "cifar-train")
-    large = repeated_shards(base, args.scratch / "cifar-train-x4", 4)
+    if 1 in args.parts:
+        large = repeated_shards(base, args.scratch / "cifar-train-x4", 4)
 
-    print("1. peak memory of training (one epoch and a relabel pass, decode_size 64, one process)")
-    small_rss, large_rss = peak_memory(base, args.scratch), peak_memory(large, args.scratch)
-    for name, count, rss in (("50,000", 50_000, small_rss), ("200,000", 200_000, large_rss)):
-        in_memory = count * 64 * 64 * 3 / 2**20
-        print(f"   {name:>8} images: {rss['rss_mb']:7.0f} MB (loader worker {rss['worker_rss_mb']:5.0f} MB); "
-              f"decoding every image into memory would take {in_memory:6.0f} MB more")
-    print(f"   RSS(200k) / RSS(50k) = {large_rss['rss_mb'] / small_rss['rss_mb']:.2f} (goal <= 1.3)")
+        print("1. peak memory of training (one epoch and a relabel pass, decode_size 64, one process)")
+        small_rss, large_rss = peak_memory(base, args.scratch), peak_memory(large, args.scratch)
+        for name, count, rss in (("50,000", 50_000, small_rss), ("200,000", 200_000, large_rss)):
+            in_memory = count * 64 * 64 * 3 / 2**20
+            print(f"   {name:>8} images: {rss['rss_mb']:7.0f} MB (loader worker {rss['worker_rss_mb']:5.0f} MB); "
+                  f"decoding every image into memory would take {in_memory:6.0f} MB more")
+        print(f"   RSS(200k) / RSS(50k) = {large_rss['rss_mb'] / small_rss['rss_mb']:.2f} (goal <= 1.3)")
 
-    params = load_params(ROOT / "params.yaml", CIFAR).train
-    print(f"2. training speed on CIFAR-10 at 32 px (CPU recipe): {args.rounds} rounds of {args.epochs} streamed "
-          f"then {args.epochs} in-memory epochs (each run's first epoch untimed), medians")
-    images = torch.from_numpy(read_shards(base, params.decode_size).images)
-    streamed, in_memory = [], []
-    for _ in range(args.rounds):  # alternated, so that a busy spell of the host slows both loops alike
-        streamed += stream_speeds(base, params, args.scratch, args.loader_workers, args.epochs)
-        in_memory += memory_speeds(images, params, args.epochs)
-    del images
-    print(f"   streamed {[round(v) for v in streamed]} images/s, in memory {[round(v) for v in in_memory]}")
-    ratio = float(np.median(streamed) / np.median(in_memory))
-    print(f"   streamed {np.median(streamed):7.0f} images/s, in memory {np.median(in_memory):7.0f} images/s: "
-          f"ratio {ratio:.2f} (goal >= 0.8)")
+    if 2 in args.parts:
+        params = load_params(ROOT / "params.yaml", CIFAR).train
+        print(f"2. training speed on CIFAR-10 at 32 px (CPU recipe): {args.rounds} rounds of {args.epochs} streamed "
+              f"then {args.epochs} in-memory epochs (each run's first epoch untimed), medians")
+        images = torch.from_numpy(read_shards(base, params.decode_size).images)
+        streamed, in_memory = [], []
+        for _ in range(args.rounds):  # alternated, so that a busy spell of the host slows both loops alike
+            streamed += stream_speeds(base, params, args.scratch, args.loader_workers, args.epochs)
+            in_memory += memory_speeds(images, params, args.epochs)
+        del images
+        print(f"   streamed {[round(v) for v in streamed]} images/s, in memory {[round(v) for v in in_memory]}")
+        ratio = float(np.median(streamed) / np.median(in_memory))
+        print(f"   streamed {np.median(streamed):7.0f} images/s, in memory {np.median(in_memory):7.0f} images/s: "
+              f"ratio {ratio:.2f} (goal >= 0.8)")
 
-    print("3. one process against two (torchrun, gloo) on 10,000 images, 3 epochs")
-    ten_thousand = subset_shards(base, args.scratch / "cifar-10k", 10_000)
-    runs = {count: processes(ten_thousand, args.scratch, count) for count in (1, 2)}
-    for count, epochs in runs.items():
-        losses = [round(event["loss"], 3) for event in epochs]
-        seen = all(event["images"] == 10_000 for event in epochs)
-        print(f"   {count} process(es): epochs {[round(e['seconds'], 1) for e in epochs]} s, every image once an "
-              f"epoch: {seen}, loss {losses} falls: {losses[-1] < losses[0]}")
-    one, two = (float(np.median([e["seconds"] for e in runs[count][1:]])) for count in (1, 2))
-    print(f"   epoch time, two processes / one: {two / one:.2f}")
+    if 3 in args.parts:
+        print("3. one process against two (torchrun, gloo) on 10,000 images, 3 epochs")
+        ten_thousand = subset_shards(base, args.scratch / "cifar-10k", 10_000)
+        runs = {count: processes(ten_thousand, args.scratch, count) for count in (1, 2)}
+        for count, epochs in runs.items():
+            losses = [round(event["loss"], 3) for event in epochs]
+            seen = all(event["images"] == 10_000 for event in epochs)
+            print(f"   {count} process(es): epochs {[round(e['seconds'], 1) for e in epochs]} s, every image once an "
+                  f"epoch: {seen}, loss {losses} falls: {losses[-1] < losses[0]}")
+        one, two = (float(np.median([e["seconds"] for e in runs[count][1:]])) for count in (1, 2))
+        print(f"   epoch time, two processes / one: {two / one:.2f}")
 
 
 if __name__ == "__main__":
