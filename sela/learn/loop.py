@@ -146,7 +146,7 @@ def _start(run: TrainingRun, params: TrainParams, table: ShardTable, identity: s
     checkpoint = new_checkpoint(params, num_images)
     if payload is None:
         state.remove_epoch_logits(run.state_dir, processes.rank, None)
-        return checkpoint, {"resumed_at_epoch": None, "reason": f"starting afresh: {reason}"}
+        return checkpoint, {"resumed_at_epoch": None, "reason": f"starting afresh: {reason}", "parent_version": None}
     checkpoint.model.load_state_dict(payload["model"])
     to_device(checkpoint.model, run.device)
     if payload["optimizer"] is not None:  # None from a parent: its momentum belongs to its own schedule
