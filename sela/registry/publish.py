@@ -31,6 +31,7 @@ import sys
 from pathlib import Path
 
 import configobj
+import yaml
 
 __all__ = ["DEFAULT_REMOTE_NAME", "ensure_default_remote", "latest_version", "publish_version"]
 
@@ -145,29 +146,40 @@ def latest_version(repo: Path, tag_prefix: str) -> str | None:
     return tags[-1][1] if tags else None
 
 
+def _pipeline_files(repo: Path) -> list[Path]:
+    """Every ``dvc.yaml`` and ``.dvc`` file git would see (tracked or not ignored): the pipeline's definitions."""
+    listed = _git(repo, "ls-files", "--cached", "--others", "--exclude-standard", "--", "dvc.yaml", "*/dvc.yaml",
+                  "*.dvc").stdout.splitlines()
+    return sorted({repo / name for name in listed if (repo / name).exists()})
+
+
 def _pipeline_layout(repo: Path) -> tuple[set[Path], list[Path]]:
-    """Ask DVC itself (handles foreach/matrix/templating) for (declared outs, files that belong in git).
+    """(declared outs, files that belong in git), read from the files DVC wrote, after ``dvc commit -f``.
 
-    Read-only, in-process: only parsing, all writes go through the dvc CLI.
+    ``dvc.lock`` holds every stage as DVC resolved it (foreach/matrix/templating expanded), its params files and
+    its outs (metrics and plots included), paths relative to the lock's folder; a ``.dvc`` file lists its outs the
+    same way. DVC ignores a cached out in git through a ``/<name>`` line in the ``.gitignore`` beside it; an
+    uncached one (``cache: false`` metrics) is versioned by git itself. Reading files, not importing DVC, keeps the
+    core free of DVC's Python API (all writes go through the dvc command anyway).
     """
-    from dvc.dependency.param import ParamsDependency
-    from dvc.repo import Repo
-
     outs: set[Path] = set()
     git_files: list[Path] = [repo / ".dvc" / "config", repo / ".dvc" / ".gitignore", repo / ".dvcignore"]
-    with Repo(str(repo)) as dvc_repo:
-        for stage in dvc_repo.index.stages:
-            dvcfile = Path(stage.dvcfile.path)
-            git_files.append(dvcfile)
-            if dvcfile.name in ("dvc.yaml", "dvc.yml"):
-                git_files.append(dvcfile.with_name("dvc.lock"))
-            git_files += [Path(d.fs_path) for d in stage.deps if isinstance(d, ParamsDependency)]
-            for out in stage.outs:
-                path = Path(out.fs_path)
+    for definition in _pipeline_files(repo):
+        git_files.append(definition)
+        if definition.name == "dvc.yaml":
+            lock = definition.with_name("dvc.lock")
+            git_files.append(lock)
+            stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {}) if lock.exists() else {}
+        else:
+            stages = {definition.name: yaml.safe_load(definition.read_text()) or {}}
+        for stage in stages.values():
+            git_files += [definition.parent / name for name in stage.get("params", {})]
+            for out in stage.get("outs", []):
+                path = (definition.parent / out["path"]).resolve()
                 outs.add(path)
-                # Cached outs live in DVC (git sees the .gitignore DVC wrote next to them); uncached ones such
-                # as metrics.json are versioned by git itself.
-                git_files.append(path.parent / ".gitignore" if out.use_cache else path)
+                ignore = path.parent / ".gitignore"
+                ignored = ignore.exists() and f"/{path.name}" in ignore.read_text().splitlines()
+                git_files.append(ignore if ignored else path)
     return outs, git_files
 
 
@@ -205,16 +217,16 @@ def publish_version(repo: Path, stage_outputs: list[str], tag_prefix: str, messa
     if missing:
         raise FileNotFoundError(f"stage outputs missing in {repo}: {missing}")
 
+    remote_name, remote_url = _ensure_default_remote(repo, None)
+
+    # (1) What `dvc repro` would have written, without running anything: hashes of the current deps/outs go to
+    # dvc.lock and cached outs into the DVC cache (+ .gitignore entries). -f: no confirmation prompt. Nothing is
+    # committed to git or pushed before the outputs are known to be declared.
+    _dvc(repo, "commit", "--force")
     declared, git_files = _pipeline_layout(repo)
     undeclared = [p for p in stage_outputs if not _is_declared((repo / p).resolve(), declared)]
     if undeclared:
         raise ValueError(f"not declared as outs in the DVC pipeline, so they would not be versioned: {undeclared}")
-
-    remote_name, remote_url = _ensure_default_remote(repo, None)
-
-    # (1) What `dvc repro` would have written, without running anything: hashes of the current deps/outs go to
-    # dvc.lock and cached outs into the DVC cache (+ .gitignore entries). -f: no confirmation prompt.
-    _dvc(repo, "commit", "--force")
     status = json.loads(_dvc(repo, "status", "--json").stdout or "{}")
     if status:
         raise RuntimeError(f"`dvc status` is not clean after `dvc commit -f`; `dvc repro` would re-run: {status}")

@@ -3,8 +3,8 @@
 A version is a git tag ``<prefix>-v<N>`` made by :func:`sela.registry.publish.publish_version`; its commit holds
 ``params.yaml``, ``metrics/labels.json`` (in git) and ``dvc.lock`` naming the label set, card and checkpoint (in the
 DVC remote). ``repo`` is a local path or a git URL. Git-tracked facts are read with git (for a URL, from one bare
-clone per call); DVC-tracked files through ``dvc.api``, which fetches from the remote exactly like ``dvc get``, so
-none of this needs the producer's DVC cache.
+clone per call); DVC-tracked files through ``dvc get``, which fetches from the remote, so none of this needs the
+producer's DVC cache.
 """
 
 import io
@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -131,15 +132,19 @@ def _resolve(repo: str, versions: list[str | int], prefix: str) -> list[str]:
 
 
 def _read_at(repo: str, tag: str, path: str) -> bytes:
-    """Bytes of ``path`` at ``tag``, fetched from the DVC remote if it is a DVC-tracked file."""
-    import dvc.api
-    from dvc.exceptions import DvcException
+    """Bytes of ``path`` at ``tag``: ``dvc get`` (from the DVC remote for a DVC-tracked file, from git otherwise).
 
-    try:
-        with dvc.api.open(path, repo=repo, rev=tag, mode="rb") as handle:
-            return handle.read()
-    except DvcException as error:
-        raise RegistryError(f"cannot read {path} of {tag} from {repo}: {error}") from error
+    The dvc command of this interpreter's environment, as a subprocess: the core never imports DVC.
+    """
+    with tempfile.TemporaryDirectory(prefix="sela-get-") as folder:
+        target = Path(folder) / "file"
+        result = subprocess.run([sys.executable, "-m", "dvc", "get", repo, path, "--rev", tag, "--out", str(target)],
+                                capture_output=True, text=True, check=False,
+                                env={**os.environ, "DVC_NO_ANALYTICS": "1", "GIT_TERMINAL_PROMPT": "0"})
+        if result.returncode != 0 or not target.is_file():
+            detail = (result.stderr.strip() or result.stdout.strip()).splitlines()
+            raise RegistryError(f"cannot read {path} of {tag} from {repo}: {' '.join(detail[-3:])}")
+        return target.read_bytes()
 
 
 def read_file(repo: str, version: str | int, path: str, prefix: str = DEFAULT_PREFIX) -> tuple[str, bytes]:
