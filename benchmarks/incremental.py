@@ -110,6 +110,8 @@ def main() -> None:
     parser.add_argument("--archive", type=Path, default=ROOT.parent / "shared/datasets/cifar10/train.tar.gz")
     parser.add_argument("--cache", type=Path, default=None, help="cifar10: ingested shards kept between runs")
     parser.add_argument("--overrides", default="{}", help="JSON of params.yaml overrides")
+    parser.add_argument("--variants", default='[{}]', help="JSON list of overrides, one incremental version 2 each "
+                        "(a few seconds each), e.g. '[{}, {\"train.incremental.relabels\": 0}]'")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -119,8 +121,9 @@ def main() -> None:
 
     dataset_overrides = CIFAR_OVERRIDES if args.dataset == "cifar10" else {}
     params = load_params(ROOT / "params.yaml", {**dataset_overrides, **json.loads(args.overrides)})
-    incremental_params = load_params(ROOT / "params.yaml", {**dataset_overrides, **json.loads(args.overrides),
-                                                            "train.start_from": "parent"})
+    variants = [load_params(ROOT / "params.yaml", {**dataset_overrides, **json.loads(args.overrides),
+                                                   "train.start_from": "parent", **variant})
+                for variant in json.loads(args.variants)]
     log("train: " + json.dumps(params.train.model_dump()))
     with tempfile.TemporaryDirectory() as temporary:
         folder = Path(temporary)
@@ -133,9 +136,13 @@ def main() -> None:
         first = make_version(old_dir, folder / "labels-v1", params, device, None, log)
         log("version 2 from scratch (all images)")
         scratch = make_version(all_dir, folder / "scratch-v2", params, device, first, log)
-        log("version 2 from version 1 (all images)")
-        incremental_version = make_version(all_dir, folder / "incremental-v2", incremental_params, device, first, log)
-    report(first, scratch, incremental_version, log)
+        versions = []
+        for number, variant in enumerate(variants):
+            log(f"version 2 from version 1 (all images): {json.dumps(variant.train.incremental.model_dump())}")
+            versions.append(make_version(all_dir, folder / f"incremental-v2-{number}", variant, device, first, log))
+    for variant, version in zip(variants, versions, strict=True):
+        log(f"\nincremental: {json.dumps(variant.train.incremental.model_dump())}")
+        report(first, scratch, version, log)
 
 
 def report(first: dict, scratch: dict, incremental_version: dict, log) -> None:

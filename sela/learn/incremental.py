@@ -6,7 +6,11 @@ relabel; its label set lists the same images by key, in the same order; its card
 the export's solve. A run with ``train.start_from: parent`` starts from:
 
 - the parent's network and warm starts (the optimiser afresh: the learning rate is the run's own);
-- the parent's training label of every image it had, for every head, mapped by key into this manifest's order;
+- the parent's published label of every image it had, for the label set's heads (its ``label_head_<h>`` columns
+  renamed back to network outputs with the card's ``cluster_id_alignment``), and its training label for
+  over-clustering heads (never published), mapped by key into this manifest's order. The published labels, not
+  the checkpoint's training ones: on CIFAR-10 those differ from the published set on a third of the images, and
+  training on them moved the new version away from the labels it is meant to keep (docs/incremental.md);
 - for every new image, the label set's rule, argmax_k lambda log p_k(x) + g_k on its un-augmented view: with the
   card's g for the label set's heads and, for over-clustering heads (trained, never exported, so not in the card),
   the g of the checkpoint's last relabel.
@@ -102,12 +106,14 @@ def parent_start(parent: ParentVersion, params: TrainParams, keys: list[str]) ->
     payload = load_payload(parent.checkpoint_path)
     card = json.loads(parent.card_path.read_text())
     check_parent_params(card["params"]["train"], params, parent.tag)
-    parent_keys = pq.read_table(parent.labels_path, columns=["key"]).column("key").to_pylist()
-    parent_labels = payload["labels"].numpy()
+    table = pq.read_table(parent.labels_path)
+    parent_keys = table.column("key").to_pylist()
+    parent_labels = payload["labels"].numpy().copy()
     if parent_labels.shape != (len(params.head_sizes), len(parent_keys)):
         raise ParentMismatchError(f"parent version {parent.tag}: its checkpoint holds labels {parent_labels.shape} "
                                   f"but its label set has {len(parent_keys)} images and this run "
                                   f"{len(params.head_sizes)} heads")
+    parent_labels[: params.num_heads] = published_outputs(table, card, params.num_heads)
     labels = carry_labels(parent_keys, parent_labels, keys)
     new = int((labels[0] < 0).sum())
     start = {"kind": "start", "parent_version": parent.tag, "parent_epochs": int(payload["epoch"]),
@@ -115,6 +121,21 @@ def parent_start(parent: ParentVersion, params: TrainParams, keys: list[str]) ->
     return {"model": payload["model"], "optimizer": None, "labels": torch.from_numpy(labels), "epoch": 0,
             "cluster_potentials": payload["cluster_potentials"], "history": [start],
             "rule_potentials": rule_potentials(card, payload, params, parent.tag)}
+
+
+def published_outputs(table: Any, card: dict[str, Any], num_heads: int) -> np.ndarray:
+    """The label set's ``label_head_<h>`` columns as network outputs: (num_heads, M) int64, undoing the renaming
+    ``output_to_label`` the card records (none for a first version)."""
+    alignment = card.get("cluster_id_alignment")
+    outputs = []
+    for head in range(num_heads):
+        published = table.column(f"label_head_{head}").to_numpy().astype(np.int64)
+        if alignment is None:
+            outputs.append(published)
+            continue
+        renaming = np.asarray({entry["head"]: entry for entry in alignment}[head]["output_to_label"], dtype=np.int64)
+        outputs.append(np.argsort(renaming)[published])  # argsort of a permutation is its inverse
+    return np.stack(outputs)
 
 
 def rule_potentials(card: dict[str, Any], payload: dict[str, Any], params: TrainParams, tag: str) -> list[np.ndarray]:

@@ -64,8 +64,8 @@ def test_a_run_from_the_parent_keeps_its_labels_predicts_the_new_ones_and_runs_i
     assert not [event for event in events if event["kind"] == "relabel"]
     keys = read_manifest(versions["folder"] / "all")["key"].tolist()
     old = np.isin(keys, versions["keys"])
-    # Without relabels the labels trained on are the parent's for its images, by key...
-    parent_labels = dict(zip(versions["keys"], versions["checkpoint"].labels.T.tolist(), strict=True))
+    # Without relabels the labels trained on are the parent's published ones for its images, by key...
+    parent_labels = dict(zip(versions["keys"], versions["final"].labels.T.tolist(), strict=True))
     assert result.labels[:, old].T.tolist() == [parent_labels[key] for key in np.asarray(keys)[old]]
     # ... and the label set's rule (the parent's network and card potentials) for the new ones.
     images = torch.from_numpy(read_shards(versions["folder"] / "all", 32).images[~old])
@@ -120,6 +120,17 @@ def test_labels_are_carried_by_key_and_new_keys_are_marked():
     np.testing.assert_array_equal(labels, [[2, -1, 0], [7, -1, 5]])
     with pytest.raises(incremental.ParentMismatchError, match="repeats keys"):
         incremental.carry_labels(["a", "a"], np.zeros((1, 2), dtype=np.int64), ["a"])
+
+
+def test_published_labels_are_renamed_back_to_network_outputs():
+    import pyarrow as pa
+
+    table = pa.table({"label_head_0": pa.array([2, 0, 1], pa.int32()), "label_head_1": pa.array([0, 1, 1], pa.int32())})
+    card = {"cluster_id_alignment": [{"head": 1, "output_to_label": [1, 0, 2]},
+                                     {"head": 0, "output_to_label": [2, 0, 1]}]}
+    # head 0: output 0 is published as 2, output 1 as 0, output 2 as 1.
+    np.testing.assert_array_equal(incremental.published_outputs(table, card, 2), [[0, 1, 2], [1, 0, 0]])
+    np.testing.assert_array_equal(incremental.published_outputs(table, {"cluster_id_alignment": None}, 1), [[2, 0, 1]])
 
 
 def test_the_run_schedule_and_the_fingerprint_follow_the_parent():
