@@ -84,6 +84,23 @@ class OverclusteringParams(Section):
     num_clusters: PositiveInt = Field(ge=2)
 
 
+class IncrementalParams(Section):
+    """A run with ``start_from: parent``: its schedule, in place of the full run's ``epochs``, ``num_relabels`` and
+    ``learning_rate`` (the parent's network is trained already; the run only brings the new images in)."""
+
+    epochs: PositiveInt
+    relabels: int = Field(ge=0, description="relabels before epochs 1..epochs-1, spaced as relabel_power says (the "
+                          "run starts on the parent's labels and its new images' predicted ones: none before epoch 0)")
+    learning_rate: PositiveFloat = Field(description="start of the cosine decay over the run's epochs")
+
+    @model_validator(mode="after")
+    def _relabels_fit(self) -> "IncrementalParams":
+        if self.relabels > self.epochs - 1:
+            raise ValueError(f"relabels={self.relabels} do not fit between {self.epochs} epochs (at most "
+                             f"{self.epochs - 1}: one before each epoch after the first)")
+        return self
+
+
 class TrainParams(Section):
     """Stage ``train``: network, optimiser and relabel schedule."""
 
@@ -130,6 +147,10 @@ class TrainParams(Section):
     overclustering: OverclusteringParams
     augment: AugmentParams
     sinkhorn: SinkhornParams
+    start_from: Literal["scratch", "parent"] = Field(
+        description="scratch: a random network and random balanced labels; parent: the newest published version's "
+        "network and labels (its new images labelled by its rule), trained on for ``incremental`` epochs")
+    incremental: IncrementalParams
 
     @model_validator(mode="after")
     def _views_fit_the_decode(self) -> "TrainParams":

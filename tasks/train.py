@@ -8,9 +8,11 @@ Machine settings are torchrun's own environment variables (``PET_NPROC_PER_NODE`
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,18 +23,62 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
-from sela.config import TrainParams
+from sela.config import Params, TrainParams
 from sela.learn import inference
+from sela.learn.incremental import ParentVersion
 from sela.learn.state import training_lock
-from sela.paths import TRAIN_STATE
+from sela.paths import CARD, CHECKPOINT, LABELS, TRAIN_STATE
+from sela.registry.read import list_versions, read_file
 from tasks.environment import PROJECT_ROOT, device_name
-from tasks.train_worker import PARAMS_FILE, PROGRESS_FILE
+from tasks.train_worker import PARAMS_FILE, PARENT_FILE, PROGRESS_FILE
 
 LOG_FILE = "torchrun.log"
 
 
 class TrainingFailedError(RuntimeError):
     """torchrun ended with an error; the message holds the failing rank's error as torchrun reported it."""
+
+
+class NoParentVersionError(LookupError):
+    """``train.start_from: parent`` in a repository with no published version to start from."""
+
+
+def _unless_no_parent(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry a failed fetch (git, the DVC remote) unless nothing is published: that is no passing I/O error."""
+    try:
+        state.result()
+    except NoParentVersionError:
+        return False
+    except Exception:  # noqa: BLE001 - any other failure is the I/O this task retries
+        return True
+    return True
+
+
+@task(name="fetch-parent-version", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2,
+      retry_condition_fn=_unless_no_parent)
+def fetch_parent_version(root: str, params: Params) -> dict[str, str] | None:
+    """With ``train.start_from: parent``, the newest published version's checkpoint, card and label set copied
+    to a temporary folder (``ParentVersion.to_json``; ``remove_parent_copy`` removes it); None from scratch."""
+    if params.train.start_from == "scratch":
+        return None
+    prefix = params.version.tag_prefix
+    versions = list_versions(root, prefix)
+    if not versions:
+        raise NoParentVersionError(f"train.start_from is parent but {root} has no published version (tags "
+                                   f"{prefix}-v<N>) to start from: make the first one with train.start_from: scratch")
+    tag = versions[-1].tag
+    folder = Path(tempfile.mkdtemp(prefix="sela-parent-"))
+    parent = ParentVersion(tag, folder / "checkpoint.pt", folder / "card.json", folder / "labels.parquet")
+    for published, local in ((CHECKPOINT, parent.checkpoint_path), (CARD, parent.card_path),
+                             (LABELS, parent.labels_path)):
+        local.write_bytes(read_file(root, tag, published, prefix)[1])  # the published bytes as they are
+    return parent.to_json()
+
+
+def remove_parent_copy(parent: dict[str, str] | None) -> None:
+    """Remove the folder ``fetch_parent_version`` copied the parent's files to (nothing from scratch)."""
+    if parent is not None:
+        shutil.rmtree(Path(parent["checkpoint_path"]).parent, ignore_errors=True)
 
 
 def torchrun_command(root: str) -> list[str]:
@@ -45,12 +91,14 @@ def torchrun_command(root: str) -> list[str]:
 
 
 def launch_training(root: str, params: TrainParams, on_event: Callable[[dict[str, Any]], None],
-                    poll_seconds: float = 0.5) -> list[dict[str, Any]]:
+                    poll_seconds: float = 0.5, parent: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """Run torchrun under the state folder's lock, passing rank 0's events to ``on_event`` as they come; returns
-    them all. Raises ``TrainingLockedError`` if a run holds the folder, ``TrainingFailedError`` if a rank fails."""
+    them all. ``parent``: the version a run with ``start_from: parent`` starts from (``fetch_parent_version``).
+    Raises ``TrainingLockedError`` if a run holds the folder, ``TrainingFailedError`` if a rank fails."""
     state_dir = Path(root) / TRAIN_STATE
     with training_lock(state_dir) as lock:
         (state_dir / PARAMS_FILE).write_text(params.model_dump_json())
+        (state_dir / PARENT_FILE).write_text(json.dumps(parent))
         progress = state_dir / PROGRESS_FILE
         progress.write_text("")
         events: list[dict[str, Any]] = []
@@ -102,9 +150,10 @@ def _root_cause(log_text: str) -> str:
 
 
 @task(name="train", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
-def train(root: str, params: TrainParams) -> dict[str, Any]:
-    """Train to ``params.epochs``, resuming after the last completed epoch of an interrupted run with the same
-    params and shards (a retry of this task resumes too). Logs every epoch and relabel, updates a progress bar."""
+def train(root: str, params: TrainParams, parent: dict[str, str] | None = None) -> dict[str, Any]:
+    """Train to ``params.epochs`` (from ``parent``, ``fetch_parent_version``: ``incremental.epochs``), resuming
+    after the last completed epoch of an interrupted run with the same params, shards and parent (a retry of this
+    task resumes too). Logs every epoch and relabel, updates a progress bar."""
     logger = get_run_logger()
     device = torch.device(device_name())
     if params.precision == "bfloat16" and not inference.native_bfloat16(device):
@@ -122,12 +171,13 @@ def train(root: str, params: TrainParams) -> dict[str, Any]:
         else:
             logger.info("%s", event)
 
-    events = launch_training(root, params, on_event)
+    events = launch_training(root, params, on_event, parent=parent)
     epochs = [event for event in events if event["kind"] == "epoch"]
     relabels = [event for event in events if event["kind"] == "relabel"]
     start = events[0]
     return {"epochs": epochs[-1]["epoch"] if epochs else start.get("resumed_at_epoch"),
             "loss": epochs[-1]["loss"] if epochs else None, "relabels_this_run": len(relabels),
             "resumed_at_epoch": start["resumed_at_epoch"], "start": start["reason"],
+            "parent_version": start["parent_version"],
             "world_size": start["world_size"], "relabel_heads_0": [{"epoch": e["epoch"], **e["heads"][0]}
                                                                      for e in relabels]}

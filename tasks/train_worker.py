@@ -17,11 +17,13 @@ import torch.distributed as distributed
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from sela.config import TrainParams
+from sela.learn.incremental import ParentVersion
 from sela.learn.loop import TrainingRun, run_training
 from sela.paths import CHECKPOINT, SHARD_DIR, TRAIN_STATE
 from tasks.environment import device_name, loader_workers
 
 PARAMS_FILE = "params.json"
+PARENT_FILE = "parent.json"  # the parent version's fetched files (null from scratch)
 PROGRESS_FILE = "progress.jsonl"
 
 
@@ -38,6 +40,7 @@ def main(root: str) -> None:
     base = Path(root).resolve()
     state_dir = base / TRAIN_STATE
     params = TrainParams.model_validate(json.loads((state_dir / PARAMS_FILE).read_text()))
+    parent = json.loads((state_dir / PARENT_FILE).read_text())
     device = _device()
     (state_dir / f"rank-{os.environ.get('RANK', '0')}.pid").write_text(f"{os.getpid()}\n")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -51,7 +54,7 @@ def main(root: str) -> None:
 
     try:
         run = TrainingRun(str(base / SHARD_DIR), base / CHECKPOINT, state_dir, device, loader_workers(device),
-                          progress)
+                          progress, parent=None if parent is None else ParentVersion.from_json(parent))
         run_training(run, params)
     finally:
         if distributed.is_initialized():

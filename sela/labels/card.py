@@ -10,6 +10,7 @@ import numpy as np
 
 from sela.config import Params
 from sela.labels.export import FinalLabels
+from sela.learn.incremental import parent_of
 
 # What made the label set: its data, its training, its export rule and its version naming (evaluate and transfer
 # only read it). dvc.yaml's export stage lists the same sections, so DVC reruns export when one of them changes.
@@ -45,6 +46,8 @@ def label_card(params: Params, final: FinalLabels, metrics: dict[str, Any], hist
             "epochs": len(epochs),
             "relabels": sum(entry["kind"] == "relabel" for entry in history),
             "final_loss": epochs[-1]["loss"] if epochs else None,
+            # The version whose network and labels the training started from (train.start_from: parent), else None.
+            "started_from": parent_of(history),
         },
         "sinkhorn": final.diagnostics,
         # With the checkpoint, labels new images as this set labels its own (sela.labels.export.predict_labels).

@@ -26,8 +26,8 @@ import torch.distributed as distributed
 
 from sela.config import TrainParams
 from sela.data.loader import ShardTable, pass_loader, plan_pass, shard_table
-from sela.data.shards import manifest_hash
-from sela.learn import state
+from sela.data.shards import manifest_hash, read_manifest
+from sela.learn import incremental, state
 from sela.learn.inference import autocast, on_device_view, solve_heads, stream_logits, view_transforms
 from sela.learn.models import MultiHeadNet, model_layout, to_device
 from sela.learn.train import (
@@ -75,14 +75,22 @@ class TrainingRun:
     progress: Progress | None = None
     # Benchmarks on a time budget: called after every epoch with the durations so far, returns the epoch count.
     plan_epochs: Callable[[int, list[float]], int] | None = None
+    # ``train.start_from: parent``: the parent version's files, fetched (a run from scratch ignores it).
+    parent: incremental.ParentVersion | None = None
 
 
 def run_training(run: TrainingRun, params: TrainParams) -> Checkpoint:
-    """Train (or resume) to ``params.epochs``; returns the final checkpoint (its labels: every head's, all N)."""
+    """Train (or resume) to ``params.epochs`` (``incremental.epochs`` from a parent); returns the final checkpoint
+    (its labels: every head's, all N)."""
     processes = Processes.current()
     table = shard_table(run.shard_dir)
-    identity = state.fingerprint(params, manifest_hash(run.shard_dir))
-    checkpoint, start = _start(run, params, table.num_images, identity, processes)
+    if params.start_from == "parent" and run.parent is None:
+        raise ValueError("train.start_from is parent but no parent version was given: publish a version first (or "
+                         "set train.start_from: scratch)")
+    parent_tag = run.parent.tag if params.start_from == "parent" else None
+    identity = state.fingerprint(params, manifest_hash(run.shard_dir), parent_tag)
+    params = incremental.run_schedule(params)
+    checkpoint, start = _start(run, params, table, identity, processes)
     _emit(run, processes, {"kind": "start", **start, "num_images": table.num_images,
                            "world_size": processes.world_size, "device": str(run.device)})
     model = to_device(checkpoint.model, run.device)
@@ -91,7 +99,8 @@ def run_training(run: TrainingRun, params: TrainParams) -> Checkpoint:
     durations: list[float] = []
     while checkpoint.epoch < params.epochs:
         began = time.perf_counter()
-        if checkpoint.epoch in set(relabel_epochs(params.epochs, params.num_relabels, params.relabel_power)):
+        if checkpoint.epoch in set(relabel_epochs(params.epochs, params.num_relabels, params.relabel_power,
+                                                  incremental.first_relabel_epoch(params))):
             summary = relabel(checkpoint, model, table, params, run, processes, epoch_rows)
             _emit(run, processes, {"kind": "relabel", **summary, "seconds": time.perf_counter() - began})
         epoch_began = time.perf_counter()
@@ -112,10 +121,12 @@ def run_training(run: TrainingRun, params: TrainParams) -> Checkpoint:
     return checkpoint
 
 
-def _start(run: TrainingRun, params: TrainParams, num_images: int, identity: str,
+def _start(run: TrainingRun, params: TrainParams, table: ShardTable, identity: str,
            processes: Processes) -> tuple[Checkpoint, dict[str, Any]]:
-    """A fresh checkpoint, or the saved one if it belongs to this run and is not finished; rank 0 decides and
-    sends the state to every rank (the checkpoint may sit on rank 0's disk alone)."""
+    """A fresh checkpoint (from a parent: the parent's, ``incremental.parent_start``), or the saved one if it belongs
+    to this run and is not finished; rank 0 decides and sends the state to every rank (the checkpoint and the
+    parent's files may sit on rank 0's disk alone)."""
+    num_images = table.num_images
     decision: list[Any] = [None, "no checkpoint"]
     if processes.rank == 0 and run.checkpoint_path.exists():
         payload = load_payload(run.checkpoint_path)
@@ -125,21 +136,47 @@ def _start(run: TrainingRun, params: TrainParams, num_images: int, identity: str
             decision[1] = f"the checkpoint is of a finished run ({payload['epoch']} epochs)"
         else:
             decision = [payload, f"resuming after epoch {payload['epoch']}"]
+    if processes.rank == 0 and decision[0] is None and params.start_from == "parent":
+        keys = read_manifest(run.shard_dir)["key"].tolist()
+        decision = [incremental.parent_start(run.parent, params, keys),
+                    f"starting from parent version {run.parent.tag}: {decision[1]}"]
     if processes.world_size > 1:
         distributed.broadcast_object_list(decision, src=0)
     payload, reason = decision
     checkpoint = new_checkpoint(params, num_images)
     if payload is None:
         state.remove_epoch_logits(run.state_dir, processes.rank, None)
-        return checkpoint, {"resumed_at_epoch": None, "reason": f"starting afresh: {reason}"}
+        return checkpoint, {"resumed_at_epoch": None, "reason": f"starting afresh: {reason}", "parent_version": None}
     checkpoint.model.load_state_dict(payload["model"])
     to_device(checkpoint.model, run.device)
-    checkpoint.optimizer.load_state_dict(payload["optimizer"])
+    if payload["optimizer"] is not None:  # None from a parent: its momentum belongs to its own schedule
+        checkpoint.optimizer.load_state_dict(payload["optimizer"])
     checkpoint.labels = payload["labels"].numpy().copy()
     checkpoint.epoch = payload["epoch"]
     checkpoint.cluster_potentials = [None if p is None else p.numpy() for p in payload["cluster_potentials"]]
     checkpoint.history = payload["history"]
-    return checkpoint, {"resumed_at_epoch": checkpoint.epoch, "reason": reason}
+    start = {"resumed_at_epoch": checkpoint.epoch, "reason": reason,
+             "parent_version": incremental.parent_of(checkpoint.history)}
+    if "rule_potentials" in payload:  # a start from a parent: its new images get the parent's labels for them
+        start.update({key: value for key, value in checkpoint.history[0].items() if key != "kind"},
+                     resumed_at_epoch=None)
+        label_new_images(checkpoint, payload["rule_potentials"], table, params, run, processes)
+    return checkpoint, start
+
+
+def label_new_images(checkpoint: Checkpoint, potentials: list[np.ndarray], table: ShardTable, params: TrainParams,
+                     run: TrainingRun, processes: Processes) -> None:
+    """Labels of the images a parent did not have (label -1) by its rule (``incremental.rule_labels``): this rank's
+    share of an un-augmented pass, gathered so that every rank holds all N. No pass when none is new."""
+    new = checkpoint.labels < 0
+    if not new.any():
+        return
+    rows, logits = stream_logits(checkpoint.model, table, params, run.device, run.loader_workers, augmented=False,
+                                 seed=0, rank=processes.rank, world_size=processes.world_size)
+    predicted = np.zeros_like(checkpoint.labels)
+    predicted[:, rows] = incremental.rule_labels(logits, potentials, params)
+    predicted = _all_reduce(torch.from_numpy(predicted), processes).numpy()
+    checkpoint.labels[new] = predicted[new]
 
 
 class _JointLogits(torch.nn.Module):

@@ -27,9 +27,13 @@ class TrainingLockedError(RuntimeError):
     """Another training run holds the state folder."""
 
 
-def fingerprint(params: TrainParams, manifest_sha256: str) -> str:
-    """Identity of a run: its ``train`` params and the shards' manifest. A checkpoint resumes only under the same."""
-    text = json.dumps({"train": params.model_dump(mode="json"), "manifest": manifest_sha256}, sort_keys=True)
+def fingerprint(params: TrainParams, manifest_sha256: str, parent_version: str | None = None) -> str:
+    """Identity of a run: its ``train`` params, the shards' manifest and the version it started from (None from
+    scratch). A checkpoint resumes only under the same."""
+    identity = {"train": params.model_dump(mode="json"), "manifest": manifest_sha256}
+    if parent_version is not None:  # absent from scratch: checkpoints of runs from scratch keep their identity
+        identity["parent"] = parent_version
+    text = json.dumps(identity, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -30,14 +30,15 @@ class Checkpoint:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def relabel_epochs(epochs: int, num_relabels: int, power: float) -> list[int]:
-    """Epochs before which to relabel: (i / n)^power spacing over the run, at most once an epoch, always 0."""
-    count = min(num_relabels, epochs)
-    positions = (np.arange(count) / max(count, 1)) ** power * epochs
+def relabel_epochs(epochs: int, num_relabels: int, power: float, first: int = 0) -> list[int]:
+    """Epochs before which to relabel: (i / n)^power spacing over epochs ``first`` .. ``epochs - 1``, at most once
+    an epoch, always ``first`` (when there is a relabel)."""
+    count = min(num_relabels, epochs - first)
+    positions = first + (np.arange(count) / max(count, 1)) ** power * (epochs - first)
     chosen = sorted({int(p) for p in positions})
     # Quadratic spacing collides early; spread the collisions onto the following free epochs.
     while len(chosen) < count:
-        free = [epoch for epoch in range(epochs) if epoch not in chosen]
+        free = [epoch for epoch in range(first, epochs) if epoch not in chosen]
         chosen = sorted(chosen + free[: count - len(chosen)])
     return chosen
 

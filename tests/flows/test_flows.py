@@ -254,3 +254,32 @@ def test_train_flow_warns_when_bfloat16_would_be_emulated(prefect_api_url, tmp_p
     assert state.is_completed(), state.message
     warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
     assert any("no bfloat16 instructions" in message and "float32" in message for message in warnings)
+
+
+def test_a_version_from_its_parent_starts_from_it_and_keeps_its_labels(prefect_api_url, tmp_path):
+    from flows.full import sela
+    from sela.registry.read import load_labels
+
+    images = tmp_path / "images"
+    files = write_png_classes(images)
+    new = [path for path in files if path.endswith(("00.png", "01.png"))]  # two a class, added for version 2
+    for path in new:
+        (images / path).rename(tmp_path / path.replace("/", "-"))
+    project = make_project(tmp_path / "project")
+    overrides = {"shard": {"source": str(images)}, "train": {"num_clusters": 3}}
+    assert sela(root=str(project), overrides=overrides, return_state=True).is_completed()
+    for path in new:
+        (tmp_path / path.replace("/", "-")).rename(images / path)
+    overrides["train"].update(start_from="parent", incremental={"epochs": 2, "relabels": 1, "learning_rate": 0.01})
+    state = sela(root=str(project), overrides=overrides, return_state=True)
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert result["version"]["tag"] == "labels-v2" and result["training"]["parent_version"] == "labels-v1"
+    assert result["training"]["start"].startswith("starting from parent version labels-v1")
+    card = json.loads((project / "labels/card.json").read_text())
+    assert card["training"]["epochs"] == 2 and card["training"]["relabels"] == 1
+    assert card["parent_version"] == card["training"]["started_from"] == "labels-v1"
+    first, second = load_labels(str(project), "labels-v1"), load_labels(str(project), "labels-v2")
+    assert len(first) == len(files) - len(new) and len(second) == len(files)
+    joined = first.merge(second, on="key", suffixes=("_first", "_second"))
+    assert (joined["label_first"] == joined["label_second"]).mean() >= 0.95

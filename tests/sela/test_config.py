@@ -76,3 +76,13 @@ def test_batch_size_of_one_is_rejected(key):
     with pytest.raises(ParamsError, match=re.escape(key) + ": Input should be greater than or equal to 2"):
         parse_params(raw_params(), {key: 1})
     assert operator.attrgetter(key)(parse_params(raw_params(), {key: 2})) == 2
+
+
+def test_incremental_relabels_must_fit_between_its_epochs():
+    with pytest.raises(ParamsError, match=r"train.incremental: .*relabels=3 do not fit between 3 epochs"):
+        parse_params(raw_params(), {"train.incremental.epochs": 3, "train.incremental.relabels": 3})
+    params = parse_params(raw_params(), {"train.incremental.epochs": 3, "train.incremental.relabels": 2,
+                                         "train.start_from": "parent"})
+    assert params.train.incremental.relabels == 2 and params.train.start_from == "parent"
+    with pytest.raises(ParamsError, match="train.start_from"):
+        parse_params(raw_params(), {"train.start_from": "previous"})
