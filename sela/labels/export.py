@@ -9,14 +9,14 @@ import pandas as pd
 import torch
 import torch.nn.functional as functional
 
-from sela.labels.align import alignment
 from sela.config import Params
 from sela.data.loader import shard_table
 from sela.data.shards import read_manifest
+from sela.labels.align import alignment
 from sela.labels.metrics import cluster_sizes, label_quality
+from sela.learn.inference import compute_logits, solve_heads, stream_logits
 from sela.learn.models import MultiHeadNet
 from sela.sinkhorn.solver import assign_labels
-from sela.learn.inference import compute_logits, solve_heads, stream_logits
 
 
 @dataclass
@@ -157,6 +157,16 @@ def align_to_parent_table(final: FinalLabels, keys: list[str], parent: pd.DataFr
     return aligned, {"parent_version": parent_tag, "cluster_id_alignment": report}
 
 
+def parent_label_head(parent: pd.DataFrame | None) -> int | None:
+    """The head whose labels a parent table's ``label`` column holds (None without a parent or such a head)."""
+    if parent is None:
+        return None
+    for name in sorted(column for column in parent.columns if column.startswith("label_head_")):
+        if np.array_equal(parent[name].to_numpy(), parent["label"].to_numpy()):
+            return int(name.removeprefix("label_head_"))
+    return None
+
+
 @dataclass
 class ExportedLabelSet:
     """A label set ready to write: labels aligned to the parent, the images' keys (N,), metrics and lineage."""
@@ -176,6 +186,11 @@ def export_label_set(model: MultiHeadNet, shard_dir: str | Path, params: Params,
     truth = [None if pd.isna(value) else str(value) for value in manifest["ground_truth"]]
     _, logits = stream_logits(model, shard_table(shard_dir), params.train, device, workers, augmented=False, seed=0)
     heads = [head.contiguous() for head in torch.from_numpy(logits).split(params.train.head_sizes, dim=1)]
-    final, lineage = align_to_parent_table(final_labels_from_logits(heads, params), keys, parent, parent_tag,
-                                           params.train.num_clusters)
+    final = final_labels_from_logits(heads, params)
+    kept = parent_label_head(parent) if params.train.start_from == "parent" else None
+    if kept is not None and params.export.label_head == "lowest_loss" and kept < len(final.labels):
+        # A version trained on from its parent keeps the parent's `label` head: the heads are different
+        # partitions (CIFAR-10: 68% of the old images kept their label when the choice moved to another head).
+        final = replace(final, selected_head=kept)
+    final, lineage = align_to_parent_table(final, keys, parent, parent_tag, params.train.num_clusters)
     return ExportedLabelSet(final, keys, label_metrics(final, truth, params.train.num_clusters), lineage)

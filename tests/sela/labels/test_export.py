@@ -1,12 +1,13 @@
 """Export: balanced labels of every head, the head chosen by the SeLa objective, metrics of that head."""
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
 
 from sela.config import load_params
-from sela.labels.export import align_to_parent, final_labels, label_metrics, predict_labels
+from sela.labels.export import align_to_parent, final_labels, label_metrics, parent_label_head, predict_labels
 from sela.labels.metrics import label_quality
 from sela.learn.models import MultiHeadNet
 from sela.learn.inference import compute_logits
@@ -117,3 +118,11 @@ def test_selected_head_follows_the_parents_label_column_not_its_head_number():
     other_head = np.zeros(300, dtype=np.int64)  # the parent's head 0 says nothing: its `label` came from head 2
     aligned, report = align_to_parent(final, keys, keys, [other_head, other_head, renamed], renamed, 10)
     assert np.array_equal(aligned.labels[0], renamed) and report[0]["agreement_with_parent"] == 1.0
+
+
+def test_parent_label_head_is_the_head_the_label_column_holds():
+    parent = pd.DataFrame({"key": ["a", "b", "c"], "label": [1, 0, 1], "label_head_0": [0, 1, 1],
+                           "label_head_1": [1, 0, 1]})
+    assert parent_label_head(parent) == 1
+    assert parent_label_head(parent.assign(label=[2, 2, 2])) is None
+    assert parent_label_head(None) is None
