@@ -9,6 +9,10 @@ The steps, each a function the Prefect flow ``flows/predict.py`` runs as a task 
 4. ``label_images``: one streamed pass of the network over the shards, labels by the label set's rule;
 5. ``write_outputs``: OUT (parquet, or CSV for a ``.csv`` name) and ``OUT.quarantine.<suffix>`` beside it.
 
+A source file that gives no label (unreadable, too small, a duplicate of an earlier file) is listed in the
+quarantine file with its reason, as the shard stage lists it; a source with no readable image is an error and
+writes nothing.
+
 torch is imported by the steps that run the network, not by this module: ``sela labels`` starts without it.
 """
 
@@ -115,13 +119,19 @@ def label_images(rule: VersionRule, checkpoint: str | Path, shard_dir: str | Pat
     return prediction_table(shard_dir, prediction, label_rule.selected_head)
 
 
-def write_outputs(labels: pd.DataFrame, quarantine: pd.DataFrame, output: str | Path) -> tuple[Path, Path]:
-    """``output`` (parquet, or CSV for a ``.csv`` name) and the quarantine list beside it in the same format
-    (path, key, reason of every file that got no label; empty when none). Returns both paths."""
+def write_outputs(labels: pd.DataFrame, shard_dir: str | Path, output: str | Path) -> tuple[Path, Path, int, int]:
+    """``output`` (parquet, or CSV for a ``.csv`` name) and, beside it in the same format, the ingest's quarantine
+    list (path, key, reason of every file that got no label; empty when none). A reused work folder keeps samples
+    of files that have left the source since (``removed.parquet``): they are not written. Returns both paths and
+    the numbers of rows written to each."""
+    from sela.data.shards import QUARANTINE_NAME, REMOVED_NAME
     from sela.labels.predict import quarantine_path, write_table
 
-    listed = write_table(quarantine.reset_index(drop=True), quarantine_path(output))
-    return write_table(labels, output), listed
+    removed = pd.read_parquet(Path(shard_dir) / REMOVED_NAME, columns=["key"])["key"]
+    labels = labels[~labels["key"].isin(removed)].reset_index(drop=True)
+    quarantine = pd.read_parquet(Path(shard_dir) / QUARANTINE_NAME)
+    listed = write_table(quarantine, quarantine_path(output))
+    return write_table(labels, output), listed, len(labels), len(quarantine)
 
 
 def ingest_workers() -> int:
@@ -143,12 +153,11 @@ def predict_version(repo: str, version: str | int, source: str, output: str | Pa
     rule = fetch_rule(repo, version, prefix)
     with tempfile.TemporaryDirectory(prefix="sela-predict-") as temporary:
         shard_dir = Path(work_dir) / "shards" if work_dir is not None else Path(temporary) / "shards"
-        checkpoint = fetch_checkpoint(repo, rule.tag, Path(temporary) / "checkpoint.pt", prefix)
+        # The source first: a bad one fails before the checkpoint is downloaded (the card came through DVC already).
         report = ingest_source(rule, source, shard_dir, ingest_workers(),
                                None if progress is None else progress("ingest", None))
+        checkpoint = fetch_checkpoint(repo, rule.tag, Path(temporary) / "checkpoint.pt", prefix)
         labels = label_images(rule, checkpoint, shard_dir, device_name or default_device(),
                               progress=None if progress is None else progress("label", len(report.manifest)))
-    # A reused work folder keeps the samples of files that have left the source since: they are not asked for.
-    labels = labels[~labels["key"].isin(report.removed["key"])].reset_index(drop=True)
-    written, listed = write_outputs(labels, report.quarantine, output)
-    return PredictSummary(rule.tag, report.inputs, len(labels), len(report.quarantine), written, listed)
+        written, listed, labelled, quarantined = write_outputs(labels, shard_dir, output)
+    return PredictSummary(rule.tag, report.inputs, labelled, quarantined, written, listed)
