@@ -2,7 +2,6 @@
 ``python -m sela.registry``)."""
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -106,11 +105,12 @@ def run(arguments: list[str]) -> str:
 
 def _predict(options: argparse.Namespace) -> str:
     """``sela labels predict``: progress bars on stderr, the summary line returned."""
-    missing = [name for name in ("torch", "tqdm") if importlib.util.find_spec(name) is None]
-    if missing:
-        raise CommandError(f"`sela labels predict` runs the version's network and needs {' and '.join(missing)}: "
-                           "pip install 'sela[pipeline]'")
-    from tqdm import tqdm
+    try:
+        import torch  # noqa: F401 - the network's runtime, absent from a registry-only install
+        from tqdm import tqdm
+    except ImportError as error:
+        raise CommandError(f"`sela labels predict` runs the version's network and needs {error.name}: "
+                           "pip install 'sela[pipeline]'") from error
 
     from sela.registry.predict import PredictError, predict_version
 
