@@ -65,8 +65,10 @@ class PredictSummary:
 def fetch_rule(repo: str, version: str | int = "latest", prefix: str = DEFAULT_PREFIX) -> VersionRule:
     """The version's params.yaml (at its tag, not the checkout's) and its card (fetched as ``pull`` fetches)."""
     tag, params = version_params(repo, version, prefix)
-    _, card = read_file(repo, tag, CARD, prefix)
-    return VersionRule(tag, params, json.loads(card))
+    card = json.loads(read_file(repo, tag, CARD, prefix)[1])
+    if "cluster_potentials" not in card:  # checked before any image is read
+        raise PredictError(f"{tag} predates cluster potentials in the card: it cannot label new images by its rule")
+    return VersionRule(tag, params, card)
 
 
 def fetch_checkpoint(repo: str, tag: str, destination: str | Path, prefix: str = DEFAULT_PREFIX) -> Path:
