@@ -14,10 +14,11 @@
    in ``--budget-minutes``: the epoch count (the learning-rate and relabel schedules need it) is refitted after
    every epoch from the speed of the last ten, and training stops early if the budget would be exceeded anyway.
 4. Scores, never having trained on the test split: the exported 10-way head (``export.label_head``) predicting the
-   test images (ACC/NMI/ARI), by the network's argmax and by the label set's rule (``export.rule_labels``: the
-   argmax shifted by the cluster potentials that balanced the train split; the test images are not balanced among
-   themselves), the label set of the train split (Sinkhorn-balanced, as exported), and the
-   weighted kNN of the test images against the train images (k = 50, temperature 0.1, 128-d: the SeLa paper's
+   test images (ACC/NMI/ARI), by the network's argmax and by the label set's rule (the argmax shifted by the
+   cluster potentials that balanced the train split; the test images are not balanced among themselves), both by
+   ``sela labels predict``'s core (``sela.labels.predict.predict_shards``, streaming the test shards: the rule ACC
+   is what a predict of these images gives), the label set of the train split (Sinkhorn-balanced, as exported),
+   and the weighted kNN of the test images against the train images (k = 50, temperature 0.1, 128-d: the SeLa paper's
    protocol) on the learned features and on the same network at initialisation.
 
 The class folders are ground truth for scoring only. Prints one line per epoch and a final table with ratios
@@ -41,10 +42,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from sela.config import Params, load_params  # noqa: E402
 from sela.data.ingest import ingest  # noqa: E402
 from sela.data.shards import LoadedShards, iter_shard_samples, read_manifest, read_shards, write_shards  # noqa: E402
-from sela.labels import export, report  # noqa: E402
+from sela.labels import export, predict, report  # noqa: E402
 from sela.labels.evaluate import compute_features, confidence_histogram, head_agreement, knn_predict, project  # noqa: E402
 from sela.labels.metrics import cluster_sizes, encode, label_quality  # noqa: E402
-from sela.learn import inference, train  # noqa: E402
+from sela.learn import train  # noqa: E402
 from sela.learn.loop import TrainingRun, run_training  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -191,10 +192,11 @@ def main() -> None:
         results["kNN initial network"] = {"knn": network_knn(initial, train_split, test_split, params, device)}
         checkpoint, seconds = self_label(params, train_dir, scratch / "state", args.budget_minutes * 60, device,
                                          loader_workers, log)
-    if args.checkpoint:
-        train.save_checkpoint(checkpoint, args.checkpoint)
-    final = export.final_labels(checkpoint.model, torch.from_numpy(train_split.images), params, device)
-    results.update(score(checkpoint.model, final, train_split, test_split, params, device))
+        if args.checkpoint:
+            train.save_checkpoint(checkpoint, args.checkpoint)
+        final = export.final_labels(checkpoint.model, torch.from_numpy(train_split.images), params, device)
+        results.update(score(checkpoint.model, final, train_split, test_split, cache / "test", params, device,
+                             loader_workers))  # streams the test shards: inside the folder's lifetime
     print_table(results, seconds, params, device, log)
     if args.report:
         page = write_label_report(args.report, final, train_split, results, params)
@@ -211,17 +213,18 @@ def network_knn(model: torch.nn.Module, train_split: LoadedShards, test_split: L
 
 
 def score(model: torch.nn.Module, final: export.FinalLabels, train_split: LoadedShards, test_split: LoadedShards,
-          params: Params, device: torch.device) -> dict[str, dict[str, float]]:
+          test_dir: Path, params: Params, device: torch.device, loader_workers: int) -> dict[str, dict[str, float]]:
     """The exported label set on train, its head's predictions on test, and kNN on the learned features."""
-    head, test_images = final.selected_head, torch.from_numpy(test_split.images)
-    logits = inference.compute_logits(model, test_images, params.train, device, augmented=False)
-    argmax = logits[head].argmax(1).cpu().numpy()
-    rule = export.rule_labels(logits[head : head + 1], final.cluster_potentials[head : head + 1], params)[0]
+    head = final.selected_head
+    # Ids as the network numbers them: a label set made here has no parent version to align to.
+    identity = np.tile(np.arange(params.train.num_clusters), (len(final.cluster_potentials), 1))
+    rule = predict.LabelRule(final.cluster_potentials, identity, head)
+    prediction = predict.predict_shards(model, test_dir, rule, params, device, loader_workers)
     return {
         "sela labels (train)": label_quality(final.labels[head], train_split.ground_truth),
-        "sela head (test)": {**label_quality(argmax, test_split.ground_truth),
+        "sela head (test)": {**label_quality(prediction.network_labels[head], test_split.ground_truth),
                              "knn": network_knn(model, train_split, test_split, params, device)},
-        "sela rule (test)": label_quality(rule, test_split.ground_truth),
+        "sela rule (test)": label_quality(prediction.labels[head], test_split.ground_truth),
     }
 
 

@@ -1,6 +1,11 @@
-"""Serve the deployment ``sela/full`` from this checkout (``make run`` starts it in the background)."""
+"""Serve the deployments ``sela/full`` and ``sela/predict`` from this checkout (``make serve`` starts it in the
+background)."""
+
+from prefect import serve
 
 from flows.full import sela
+from flows.predict import predict
 
 if __name__ == "__main__":
-    sela.serve(name="full", description="Unlabelled images -> versioned SeLa label set (see README)")
+    serve(sela.to_deployment(name="full", description="Unlabelled images -> versioned SeLa label set (see README)"),
+          predict.to_deployment(name="predict", description="New images -> labels of a published version (README)"))

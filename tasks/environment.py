@@ -2,10 +2,9 @@
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    import torch
+# Device and loader processes: the same choice for the pipeline's tasks and for ``sela labels predict``.
+from sela.learn.machine import device_name, loader_workers  # noqa: F401
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,26 +24,3 @@ def configure_prefect_environment() -> None:
     }
     for name, value in defaults.items():
         os.environ.setdefault(name, value)
-
-
-def device_name() -> str:
-    """``SELA_DEVICE`` if set (cpu, cuda, cuda:1), else the first GPU when there is one, else the CPU."""
-    import torch
-
-    requested = os.environ.get("SELA_DEVICE")
-    if requested:
-        return requested
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def loader_workers(device: "torch.device") -> int:
-    """``SELA_LOADER_WORKERS`` if set, else: on a CPU none (decoding in the training process: on 2 cores a worker
-    beside the step's two threads ran CIFAR-10 epochs at 4,700 images/s against 5,300 inline); on a GPU the cores of
-    this node shared by its processes, at most 8."""
-    requested = os.environ.get("SELA_LOADER_WORKERS")
-    if requested:
-        return int(requested)
-    if device.type == "cpu":
-        return 0
-    per_process = len(os.sched_getaffinity(0)) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    return max(1, min(8, per_process - 1))

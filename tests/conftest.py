@@ -95,3 +95,48 @@ def make_project(destination: Path, train_overrides: dict | None = None) -> Path
                     ["git", "commit", "-qm", "pipeline"]):
         subprocess.run(command, cwd=destination, check=True, capture_output=True)
     return destination
+
+
+@pytest.fixture(scope="session")
+def published_digits(prefect_api_url, tmp_path_factory):
+    """Two versions of the digits published by the real flow (the second aligned to the first: its ids renamed),
+    the producer's DVC cache then deleted: (producer, cache-less clone in another folder, [(tag, label-set bytes,
+    card)] per version). Whatever is read from the clone comes from the DVC remote, as for another team."""
+    import json
+    import shutil
+    import subprocess
+
+    from flows.full import sela
+
+    base = tmp_path_factory.mktemp("published")
+    producer = make_project(base / "producer")
+    versions = []
+    for overrides in (None, {"train": {"seed": 1}}):
+        state = sela(root=str(producer), overrides=overrides, return_state=True)
+        assert state.is_completed(), state.message
+        card = json.loads((producer / "labels/card.json").read_text())
+        versions.append((state.result()["version"]["tag"], (producer / "labels/labels.parquet").read_bytes(), card))
+    shutil.rmtree(producer / ".dvc" / "cache")
+    clone = base / "elsewhere" / "clone"
+    subprocess.run(["git", "clone", "-q", str(producer), str(clone)], check=True)
+    return producer, clone, versions
+
+
+def published_table(data: bytes):
+    """A published label set's parquet bytes as a DataFrame indexed by key."""
+    import io
+
+    import pandas as pd
+
+    return pd.read_parquet(io.BytesIO(data)).set_index("key")
+
+
+def write_digit_folder(folder: Path, count: int, image_size: int) -> None:
+    """The first ``count`` digits as PNG files (the bytes the digits source renders at ``image_size``), in two class
+    folders: the pictures of a digits version, under other names."""
+    from sela.data.sources import render_digit
+
+    for index in range(count):
+        path = folder / ("even" if index % 2 == 0 else "odd") / f"digit {index}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(render_digit(index, image_size))

@@ -89,3 +89,20 @@ def test_the_sela_command_runs_without_the_pipeline_dependencies(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.splitlines()[-1] == "1 []", result.stdout  # a clean error, not an ImportError
     assert "nowhere" in result.stderr
+
+
+def test_predict_without_torch_exits_with_a_clear_message(tmp_path):
+    # A finder ahead of the others that knows no torch: `import torch` fails as where it is not installed.
+    code = ("import sys\n"
+            "class NoTorch:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] == 'torch': raise ModuleNotFoundError(name, name=name)\n"
+            "sys.meta_path.insert(0, NoTorch())\n"
+            "from sela.registry.cli import main\n"
+            f"print(main(['labels', 'predict', {str(tmp_path)!r}, {str(tmp_path)!r}, '-o', "
+            f"{str(tmp_path / 'out.parquet')!r}]))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True, check=False)
+    assert result.stdout.splitlines()[-1:] == ["1"], result.stdout + result.stderr[-3000:]
+    assert result.stderr.strip() == ("sela: `sela labels predict` runs the version's network and needs torch: "
+                                     "pip install 'sela[pipeline]'")
+    assert not (tmp_path / "out.parquet").exists()

@@ -4,7 +4,7 @@ Training (the relabel pass), export (the final labels) and prediction (new image
 label set's images are seen the same way whichever step looks at them.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
 
@@ -135,29 +135,43 @@ def on_device_view(batch: Batch, device: torch.device, view: View | None, genera
     return images if view is None else view(images, generator)
 
 
-@torch.no_grad()
 def stream_logits(model: MultiHeadNet, table: ShardTable, params: TrainParams, device: torch.device, workers: int,
                   augmented: bool, seed: int, rank: int = 0, world_size: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """A streamed pass over rank ``rank``'s contiguous share of the shards (manifest order): its rows (n,) int64
     and their logits (n, sum of head sizes) float32 on the host, averaged over ``relabel_views`` augmented views
     when ``augmented`` (each a new draw), else one whole view. One rank of one: every image, row i = index i."""
     views = params.relabel_views if augmented else 1
-    in_worker, on_device = view_transforms(params, device, augmented)
-    was_training = model.training
-    model.eval()
     indices, total = np.zeros(0, dtype=np.int64), None
     for view in range(views):
-        view_seed = seed + 1_000_003 * view
-        plan = plan_pass(table, rank=rank, world_size=world_size, workers=workers, batch_size=512,
-                         shuffle_seed=None, equal_steps=False, seed=view_seed)
-        generator = torch.Generator().manual_seed(view_seed * 1_009 + rank)
         rows, outputs = [], []
-        for batch in pass_loader(plan, params.decode_size, workers, in_worker):
-            images = on_device_view(batch, device, on_device, generator)
-            with autocast(device, params.precision):
-                outputs.append(model.joint_logits(model_layout(images)).float().cpu().numpy())
-            rows.append(batch.indices.numpy())
+        for batch_rows, batch_logits in logit_batches(model, table, params, device, workers, augmented,
+                                                      seed + 1_000_003 * view, rank, world_size):
+            rows.append(batch_rows)
+            outputs.append(batch_logits)
         indices, logits = np.concatenate(rows), np.concatenate(outputs)
         total = logits if total is None else total + logits
-    model.train(was_training)
     return indices, total / views
+
+
+def logit_batches(model: MultiHeadNet, table: ShardTable, params: TrainParams, device: torch.device, workers: int,
+                  augmented: bool, seed: int, rank: int = 0, world_size: int = 1,
+                  ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """One view of rank ``rank``'s share of the shards, a batch at a time: (rows (B,) int64, logits (B, sum of head
+    sizes) float32 on the host). Batches come round-robin over the loader workers, so rows are not in manifest
+    order: place them by ``rows``. Holds one batch, never the pass: a caller that keeps less than the logits (the
+    labels of new images, ``sela.labels.predict``) stays small however many images there are."""
+    in_worker, on_device = view_transforms(params, device, augmented)
+    plan = plan_pass(table, rank=rank, world_size=world_size, workers=workers, batch_size=512,
+                     shuffle_seed=None, equal_steps=False, seed=seed)
+    generator = torch.Generator().manual_seed(seed * 1_009 + rank)
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in pass_loader(plan, params.decode_size, workers, in_worker):
+            with torch.no_grad():
+                images = on_device_view(batch, device, on_device, generator)
+                with autocast(device, params.precision):
+                    logits = model.joint_logits(model_layout(images)).float().cpu().numpy()
+            yield batch.indices.numpy(), logits
+    finally:
+        model.train(was_training)

@@ -1,9 +1,11 @@
-"""``sela labels list|pull|diff|show``: the label registry from the command line (``python -m sela.registry`` too)."""
+"""``sela labels list|pull|diff|show|predict``: the label registry from the command line (also
+``python -m sela.registry``)."""
 
 import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +14,14 @@ from sela.registry.read import DEFAULT_PREFIX, RegistryError, diff_versions, lis
 _METRIC_COLUMNS = ("nmi", "acc", "ari", "mean_confidence")
 
 
+class CommandError(RuntimeError):
+    """A command cannot do what was asked (a missing dependency, a source without images); the message says why."""
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sela", description="Versioned label sets made by the sela pipeline.")
     groups = parser.add_subparsers(dest="group", required=True)
-    labels = groups.add_parser("labels", help="list, pull, diff and show published label sets")
+    labels = groups.add_parser("labels", help="list, pull, diff, show published label sets; predict new images")
     commands = labels.add_subparsers(dest="command", required=True)
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
@@ -36,6 +42,15 @@ def _parser() -> argparse.ArgumentParser:
     diff.add_argument("--json", action="store_true", help="machine-readable output")
     show = command("show", "the card of one version: params, data hash, metrics, code version, parent")
     show.add_argument("version", nargs="?", default="latest")
+    predict = command("predict", "label new images with a version's network and rule (needs torch)")
+    predict.add_argument("--version", default="latest", help="7, v7, labels-v7 or latest (default)")
+    predict.add_argument("source", help="a folder, .tar/.tar.gz, glob, .txt/.lst list file or URL of images")
+    predict.add_argument("-o", "--output", type=Path, required=True,
+                         help="FILE.parquet or FILE.csv; the files that got no label go to FILE.quarantine.<suffix>")
+    predict.add_argument("--device", default=None,
+                         help="torch device, e.g. cpu, cuda:1 (default: $SELA_DEVICE, else a GPU if there is one)")
+    predict.add_argument("--work-dir", type=Path, default=None,
+                         help="keep the source's shards here (a rerun resumes); default: a temporary folder")
     return parser
 
 
@@ -83,14 +98,44 @@ def run(arguments: list[str]) -> str:
     if options.command == "diff":
         diff = diff_versions(options.repo, options.version_a, options.version_b, options.head, options.prefix)
         return json.dumps(diff, indent=2) if options.json else _format_diff(diff)
+    if options.command == "predict":
+        return _predict(options)
     return json.dumps(show_card(options.repo, options.version, options.prefix), indent=2, sort_keys=True)
+
+
+def _predict(options: argparse.Namespace) -> str:
+    """``sela labels predict``: progress bars on stderr, the summary line returned."""
+    try:
+        import torch  # noqa: F401 - the network's runtime, absent from a registry-only install
+        from tqdm import tqdm
+    except ImportError as error:
+        raise CommandError(f"`sela labels predict` runs the version's network and needs {error.name}: "
+                           "pip install 'sela[pipeline]'") from error
+
+    from sela.registry.predict import PredictError, predict_version
+
+    bars: list[Any] = []
+
+    def progress(stage: str, total: int | None) -> Callable[[int], None]:
+        bars.append(tqdm(desc=stage, total=total, unit="img", file=sys.stderr, mininterval=1.0))
+        return bars[-1].update
+
+    try:
+        summary = predict_version(options.repo, options.version, options.source, options.output, options.device,
+                                  options.prefix, options.work_dir, progress)
+    except PredictError as error:
+        raise CommandError(str(error)) from error
+    finally:
+        for bar in bars:
+            bar.close()
+    return summary.line()
 
 
 def main(arguments: list[str] | None = None) -> int:
     """Console entry point ``sela``: exit 0 on success, 1 with a one-line reason on stderr otherwise."""
     try:
         print(run(sys.argv[1:] if arguments is None else arguments))
-    except RegistryError as error:
+    except (RegistryError, CommandError) as error:
         print(f"sela: {error}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # `sela labels show ... | head`: the reader left, which is not an error

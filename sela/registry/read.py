@@ -205,3 +205,19 @@ def diff_versions(repo: str, version_a: str | int, version_b: str | int, head: i
                                         a.column(column).to_numpy(), b.column("key").to_numpy(zero_copy_only=False),
                                         b.column(column).to_numpy())
     return {"version_a": tag_a, "version_b": tag_b, "column": column, **difference.as_dict()}
+
+
+def version_params(repo: str, version: str | int = "latest", prefix: str = DEFAULT_PREFIX) -> tuple[str, Any]:
+    """(tag, validated ``sela.config.Params``) of the params.yaml committed with ``version``: the values its images
+    were ingested and seen with, whatever the current checkout says (a version that records none is an error)."""
+    from sela.config import ParamsError, parse_params  # pydantic: only the commands that need the pipeline's values
+
+    with git_view(repo) as view:
+        tag = resolve_version(view, version, prefix)
+        text = _show(view, tag, "params.yaml")
+    if text is None:
+        raise RegistryError(f"{tag} of {repo} has no params.yaml")
+    try:
+        return tag, parse_params(yaml.safe_load(text) or {})
+    except ParamsError as error:
+        raise RegistryError(f"params.yaml of {tag} does not validate with this sela: {error}") from error
