@@ -39,7 +39,9 @@ from sela.learn.train import (
     new_checkpoint,
     relabel_epochs,
     save_checkpoint,
+    saved_target_sizes,
 )
+from sela.sinkhorn.sizes import estimate_sizes
 from sela.sinkhorn.solver import TorchDistributed
 
 Progress = Callable[[dict[str, Any]], None]
@@ -139,6 +141,7 @@ def _start(run: TrainingRun, params: TrainParams, num_images: int, identity: str
     checkpoint.epoch = payload["epoch"]
     checkpoint.cluster_potentials = [None if p is None else p.numpy() for p in payload["cluster_potentials"]]
     checkpoint.history = payload["history"]
+    checkpoint.target_sizes = saved_target_sizes(payload, params)
     return checkpoint, {"resumed_at_epoch": checkpoint.epoch, "reason": reason}
 
 
@@ -252,7 +255,10 @@ def relabel(checkpoint: Checkpoint, model: MultiHeadNet, table: ShardTable, para
     head_logits = [torch.from_numpy(np.ascontiguousarray(logits[:, columns[h] : columns[h + 1]])).to(run.device)
                    for h in heads]
     communicator = TorchDistributed() if processes.world_size > 1 else None
-    results = solve_heads(head_logits, params, [checkpoint.cluster_potentials[h] for h in heads], communicator)
+    if params.sinkhorn.cluster_sizes == "estimated" and checkpoint.epoch > 0:  # epoch 0: an untrained network
+        update_target_sizes(checkpoint, heads, head_logits, params, processes)
+    results = solve_heads(head_logits, params, [checkpoint.cluster_potentials[h] for h in heads], communicator,
+                          [checkpoint.target_sizes[h] for h in heads])
     per_head = []
     for head, result in zip(heads, results, strict=True):
         labels = np.zeros(table.num_images, dtype=np.int64)
@@ -263,10 +269,23 @@ def relabel(checkpoint: Checkpoint, model: MultiHeadNet, table: ShardTable, para
         checkpoint.cluster_potentials[head] = np.asarray(result.log_cluster_potential)
         sizes = np.bincount(labels, minlength=params.head_sizes[head])
         per_head.append({"head": head, **result.diagnostics(), "changed": changed, "min_size": int(sizes.min()),
-                         "max_size": int(sizes.max())})
+                         "max_size": int(sizes.max()), "target_sizes": checkpoint.target_sizes[head].tolist()})
     summary = {"epoch": checkpoint.epoch, "source": source, "heads": per_head}
     checkpoint.history.append({"kind": "relabel", **summary})
     return summary
+
+
+def update_target_sizes(checkpoint: Checkpoint, heads: list[int], head_logits: list[torch.Tensor],
+                        params: TrainParams, processes: Processes) -> None:
+    """``sinkhorn.cluster_sizes: estimated``: move each head's target sizes towards the network's argmax counts on
+    this relabel's rows (``sela.sinkhorn.sizes.estimate_sizes``). The counts are summed over ranks (integers, exact),
+    so every rank computes the same sizes."""
+    settings = params.sinkhorn
+    for head, logits in zip(heads, head_logits, strict=True):
+        counts = torch.bincount(logits.argmax(1).cpu(), minlength=params.head_sizes[head])
+        counts = _all_reduce(counts, processes).numpy()
+        checkpoint.target_sizes[head] = estimate_sizes(checkpoint.target_sizes[head], counts, settings.size_floor,
+                                                       settings.size_update)
 
 
 def fresh_pass(model: MultiHeadNet, table: ShardTable, params: TrainParams, run: TrainingRun, processes: Processes,

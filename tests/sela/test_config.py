@@ -35,7 +35,9 @@ def test_missing_key_is_named():
 
 @pytest.mark.parametrize(
     ("key", "value"),
-    [("train.num_clusters", -3), ("train.augment.flip_probability", 1.5), ("train.sinkhorn.dtype", "float8")],
+    [("train.num_clusters", -3), ("train.augment.flip_probability", 1.5), ("train.sinkhorn.dtype", "float8"),
+     ("train.sinkhorn.cluster_sizes", "uniform"), ("train.sinkhorn.size_floor", 0.0),
+     ("train.sinkhorn.size_floor", 1.0), ("train.sinkhorn.size_update", 0.0), ("train.sinkhorn.size_update", 1.5)],
 )
 def test_bad_override_is_named(key, value):
     with pytest.raises(ParamsError, match=key.replace(".", r"\.")):
@@ -76,3 +78,10 @@ def test_batch_size_of_one_is_rejected(key):
     with pytest.raises(ParamsError, match=re.escape(key) + ": Input should be greater than or equal to 2"):
         parse_params(raw_params(), {key: 1})
     assert operator.attrgetter(key)(parse_params(raw_params(), {key: 2})) == 2
+
+
+def test_estimated_cluster_sizes_are_accepted_with_their_floor_and_update():
+    sinkhorn = parse_params(raw_params(), {"train.sinkhorn.cluster_sizes": "estimated",
+                                           "train.sinkhorn.size_floor": 0.25, "train.sinkhorn.size_update": 1.0}
+                            ).train.sinkhorn
+    assert (sinkhorn.cluster_sizes, sinkhorn.size_floor, sinkhorn.size_update) == ("estimated", 0.25, 1.0)
