@@ -82,6 +82,9 @@ class SinkhornParams(Section):
                               "of N / K, so that none dies")
     size_update: float = Field(gt=0, le=1, description="estimated sizes: weight of the network's counts against "
                                "the previous sizes at each relabel (1: the counts alone)")
+    size_warmup: float = Field(ge=0, lt=1, description="estimated sizes: fraction of the epochs trained on equal "
+                               "sizes before the first estimate (an untrained network's counts are arbitrary); the "
+                               "relabel before epoch 0 is always equal")
 
 
 class OverclusteringParams(Section):

@@ -14,6 +14,7 @@ Per process, memory grows with N only through per-image vectors: labels (num_hea
 and this rank's share of the relabel logits (N / world_size x sum of head sizes float32, memory-mapped).
 """
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -255,7 +256,7 @@ def relabel(checkpoint: Checkpoint, model: MultiHeadNet, table: ShardTable, para
     head_logits = [torch.from_numpy(np.ascontiguousarray(logits[:, columns[h] : columns[h + 1]])).to(run.device)
                    for h in heads]
     communicator = TorchDistributed() if processes.world_size > 1 else None
-    if params.sinkhorn.cluster_sizes == "estimated" and checkpoint.epoch > 0:  # epoch 0: an untrained network
+    if estimating_sizes(params, checkpoint.epoch):
         update_target_sizes(checkpoint, heads, head_logits, params, processes)
     results = solve_heads(head_logits, params, [checkpoint.cluster_potentials[h] for h in heads], communicator,
                           [checkpoint.target_sizes[h] for h in heads])
@@ -273,6 +274,13 @@ def relabel(checkpoint: Checkpoint, model: MultiHeadNet, table: ShardTable, para
     summary = {"epoch": checkpoint.epoch, "source": source, "heads": per_head}
     checkpoint.history.append({"kind": "relabel", **summary})
     return summary
+
+
+def estimating_sizes(params: TrainParams, epoch: int) -> bool:
+    """Whether the relabel before ``epoch`` re-estimates the target sizes: ``sinkhorn.cluster_sizes: estimated``,
+    never before epoch 1 (an untrained network) nor within the first ``size_warmup`` of the epochs."""
+    settings = params.sinkhorn
+    return settings.cluster_sizes == "estimated" and epoch >= max(1, math.ceil(settings.size_warmup * params.epochs))
 
 
 def update_target_sizes(checkpoint: Checkpoint, heads: list[int], head_logits: list[torch.Tensor],

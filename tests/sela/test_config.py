@@ -37,7 +37,8 @@ def test_missing_key_is_named():
     ("key", "value"),
     [("train.num_clusters", -3), ("train.augment.flip_probability", 1.5), ("train.sinkhorn.dtype", "float8"),
      ("train.sinkhorn.cluster_sizes", "uniform"), ("train.sinkhorn.size_floor", 0.0),
-     ("train.sinkhorn.size_floor", 1.0), ("train.sinkhorn.size_update", 0.0), ("train.sinkhorn.size_update", 1.5)],
+     ("train.sinkhorn.size_floor", 1.0), ("train.sinkhorn.size_update", 0.0), ("train.sinkhorn.size_update", 1.5),
+     ("train.sinkhorn.size_warmup", 1.0), ("train.sinkhorn.size_warmup", -0.1)],
 )
 def test_bad_override_is_named(key, value):
     with pytest.raises(ParamsError, match=key.replace(".", r"\.")):

@@ -118,7 +118,8 @@ def test_the_checkpoint_loads_for_export_with_labels_and_potentials(shards, tmp_
 
 def test_estimated_sizes_follow_the_network_after_the_first_relabel_keep_the_floor_and_are_saved(shards, tmp_path):
     checkpoint, events = run(shards, tmp_path, **{"train.sinkhorn.cluster_sizes": "estimated",
-                                                  "train.sinkhorn.size_floor": 0.5, "train.epochs": 2})
+                                                  "train.sinkhorn.size_floor": 0.5, "train.sinkhorn.size_warmup": 0.0,
+                                                  "train.epochs": 2})
     relabels = [event for event in events if event["kind"] == "relabel"]
     assert [event["epoch"] for event in relabels] == [0, 1]
     for head in relabels[0]["heads"]:  # the untrained network's counts are not used
@@ -130,6 +131,16 @@ def test_estimated_sizes_follow_the_network_after_the_first_relabel_keep_the_flo
         assert event["min_size"] <= 1797 * sizes.min() * 1.1 and event["max_size"] >= 1797 * sizes.max() * 0.9
     loaded = train.load_checkpoint(tmp_path / "checkpoint.pt", small_params().train, torch.device("cpu"))
     np.testing.assert_array_equal(np.stack(loaded.target_sizes), np.stack(checkpoint.target_sizes))
+
+
+def test_sizes_are_estimated_after_the_warmup_and_never_before_the_first_epoch():
+    def schedule(warmup):
+        params = small_params(**{"train.sinkhorn.cluster_sizes": "estimated", "train.sinkhorn.size_warmup": warmup,
+                                 "train.epochs": 10}).train
+        return [epoch for epoch in range(10) if loop.estimating_sizes(params, epoch)]
+
+    assert schedule(0.0) == list(range(1, 10)) and schedule(0.3) == list(range(3, 10))
+    assert not loop.estimating_sizes(small_params(**{"train.epochs": 10}).train, 5)  # equal sizes: never
 
 
 @pytest.mark.parametrize("damage", ["zeroed", "truncated"])
