@@ -1,6 +1,6 @@
 """Cluster sizes beyond equipartition on imbalanced CIFAR-10: equal against estimated target sizes, same run.
 
-    flock /tmp/sela-cpu.lock python benchmarks/imbalance.py --epochs 30            # 2 CPU cores: about 35 min idle
+    flock /tmp/sela-cpu.lock python benchmarks/imbalance.py --epochs 25            # 2 CPU cores: about 30 min idle
     python benchmarks/imbalance.py --epochs 2 --scale 0.05                          # a smoke run: about 2 min
 
 The SeLa paper's three train sets of its imbalance study, each scored on the test split with the same fractions of
@@ -149,7 +149,7 @@ def print_table(name: str, rows: dict[str, dict[str, float]], num_train: int, nu
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=30, help="epochs of every run (fixed: not a time budget)")
+    parser.add_argument("--epochs", type=int, default=25, help="epochs of every run (fixed: not a time budget)")
     parser.add_argument("--dataset", type=Path, default=ROOT.parent / "shared" / "datasets" / "cifar10")
     parser.add_argument("--extracted", type=Path, default=Path("/tmp/cifar"),
                         help="folder with train/ and test/ JPEGs (extracted from --dataset once if absent)")
