@@ -35,7 +35,7 @@ def self_label(params, shard_dir: str, images: torch.Tensor) -> np.ndarray:
     with tempfile.TemporaryDirectory() as state:
         run = TrainingRun(shard_dir, Path(state) / "checkpoint.pt", Path(state), device, loader_workers=1)
         checkpoint = run_training(run, params.train)
-    final = export.final_labels(checkpoint.model, images, params, device)
+    final = export.final_labels(checkpoint.model, images, params, device, checkpoint.target_sizes)
     return final.labels[final.selected_head]
 
 

@@ -80,7 +80,7 @@ def make_version(shard_dir: Path, folder: Path, params: Params, device: torch.de
     trained = time.perf_counter()
     table = None if parent is None else label_set.read_label_set(parent["files"].labels_path).to_pandas()
     exported = export.export_label_set(checkpoint.model, shard_dir, params, device, 0, table,
-                                       None if parent is None else parent["files"].tag)
+                                       None if parent is None else parent["files"].tag, checkpoint.target_sizes)
     final = exported.final
     label_set.write_label_set(label_set.label_table(exported.keys, final.labels, final.confidence,
                                                     final.selected_head), folder / "labels.parquet")

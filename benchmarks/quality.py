@@ -194,7 +194,8 @@ def main() -> None:
                                          loader_workers, log)
         if args.checkpoint:
             train.save_checkpoint(checkpoint, args.checkpoint)
-        final = export.final_labels(checkpoint.model, torch.from_numpy(train_split.images), params, device)
+        final = export.final_labels(checkpoint.model, torch.from_numpy(train_split.images), params, device,
+                                    checkpoint.target_sizes)
         results.update(score(checkpoint.model, final, train_split, test_split, cache / "test", params, device,
                              loader_workers))  # streams the test shards: inside the folder's lifetime
     print_table(results, seconds, params, device, log)

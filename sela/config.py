@@ -74,6 +74,17 @@ class SinkhornParams(Section):
         description="storage type of the N x K Sinkhorn kernel: float64/float32 on CPU; on a GPU also bfloat16 or "
         "float16 (half the memory, one fused pass an iteration)"
     )
+    cluster_sizes: Literal["equal", "estimated"] = Field(
+        description="target cluster sizes of every relabel: equal (the paper's equipartition, N / K each) or "
+        "estimated (re-estimated before each relabel after the first from the network's argmax counts, with a "
+        "floor; docs/imbalance.md)")
+    size_floor: float = Field(gt=0, lt=1, description="estimated sizes: every cluster keeps at least this fraction "
+                              "of N / K, so that none dies")
+    size_update: float = Field(gt=0, le=1, description="estimated sizes: weight of the network's counts against "
+                               "the previous sizes at each relabel (1: the counts alone)")
+    size_warmup: float = Field(ge=0, lt=1, description="estimated sizes: fraction of the epochs trained on equal "
+                               "sizes before the first estimate (an untrained network's counts are arbitrary); the "
+                               "relabel before epoch 0 is always equal")
 
 
 class OverclusteringParams(Section):

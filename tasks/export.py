@@ -65,7 +65,8 @@ def _export_labels(root: str, params: Params, parent: dict[str, str] | None) -> 
     checkpoint = train.load_checkpoint(base / CHECKPOINT, params.train, device)
     parent_table = None if parent is None else pq.read_table(parent["path"]).to_pandas()
     exported = export.export_label_set(checkpoint.model, base / SHARD_DIR, params, device, loader_workers(device),
-                                       parent_table, None if parent is None else parent["tag"])
+                                       parent_table, None if parent is None else parent["tag"],
+                                       checkpoint.target_sizes)
     final, keys, metrics, lineage = exported.final, exported.keys, exported.metrics, exported.lineage
     label_set.write_label_set(label_set.label_table(keys, final.labels, final.confidence, final.selected_head),
                               base / LABELS)

@@ -52,6 +52,8 @@ def label_card(params: Params, final: FinalLabels, metrics: dict[str, Any], hist
         "sinkhorn": final.diagnostics,
         # With the checkpoint, labels new images as this set labels its own (sela.labels.export.predict_labels).
         "cluster_potentials": np.asarray(final.cluster_potentials).tolist(),
+        # The cluster sizes (fractions of N, network output order) each head was balanced to.
+        "target_sizes": np.asarray(final.target_sizes).tolist(),
     }
 
 

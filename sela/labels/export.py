@@ -27,32 +27,42 @@ class FinalLabels:
     objective: per head, the SeLa objective -1/N sum_i log p(label_i | x_i) on un-augmented images (lower is a
     better optimum of the same problem); selected_head: the head chosen by ``export.label_head``;
     cluster_potentials (num_heads, K) float64: each head's Sinkhorn cluster potential g, in network output order,
-    with which ``predict_labels`` labels new images by the label set's own rule.
+    with which ``predict_labels`` labels new images by the label set's own rule; target_sizes (num_heads, K)
+    float64: the cluster sizes r (fractions of N) each head was balanced to, the ones its training ended with, in
+    network output order.
     """
 
     labels: np.ndarray
     confidence: np.ndarray
     cluster_potentials: np.ndarray
+    target_sizes: np.ndarray
     objective: list[float]
     selected_head: int
     diagnostics: list[dict[str, Any]]
 
 
-def final_labels(model: MultiHeadNet, images: torch.Tensor, params: Params, device: torch.device) -> FinalLabels:
+def final_labels(model: MultiHeadNet, images: torch.Tensor, params: Params, device: torch.device,
+                 target_sizes: list[np.ndarray]) -> FinalLabels:
     """Balanced labels of the trained network on un-augmented images (deterministic given the checkpoint).
 
-    images uint8 (N, H, W, 3). With ``label_head: lowest_loss`` the heads, independent labellings trained on one
+    images uint8 (N, H, W, 3); target_sizes: the checkpoint's ``target_sizes`` (every head's, over-clustering heads
+    included, or the label set's heads alone). With ``label_head: lowest_loss`` the heads, independent labellings trained on one
     backbone, are ranked by the objective they were trained to minimise; ground truth is never consulted.
     """
-    return final_labels_from_logits(compute_logits(model, images, params.train, device, augmented=False), params)
+    logits = compute_logits(model, images, params.train, device, augmented=False)
+    return final_labels_from_logits(logits, params, target_sizes)
 
 
-def final_labels_from_logits(logits: list[torch.Tensor], params: Params) -> FinalLabels:
+def final_labels_from_logits(logits: list[torch.Tensor], params: Params, target_sizes: list[np.ndarray]) -> FinalLabels:
     """``final_labels`` from the un-augmented logits already computed, one (N, K) tensor per head (the export stage
-    streams them: ``sela.learn.inference.stream_logits``)."""
+    streams them: ``sela.learn.inference.stream_logits``). Each head is balanced to the sizes its training ended
+    with (``target_sizes``, the checkpoint's): equal sizes here after training to others would undo them."""
     # The label set's heads come first; over-clustering heads only served training.
-    logits = logits[: params.train.num_heads]
-    results = solve_heads(logits, params.train, [None] * len(logits))
+    logits, sizes = logits[: params.train.num_heads], list(target_sizes)[: params.train.num_heads]
+    if len(sizes) != len(logits):
+        raise ValueError(f"target sizes for {len(sizes)} heads, but the label set has {len(logits)}: pass the "
+                         "checkpoint's target_sizes")
+    results = solve_heads(logits, params.train, [None] * len(logits), target_sizes=sizes)
     labels = np.stack([result.labels for result in results])
     # Confidence is the network's own probability of the exported label, not the sharpened plan's row maximum
     # (exactly 1.0 for most images once trained): it ranks images, and low values mark the images that balancing
@@ -68,6 +78,7 @@ def final_labels_from_logits(logits: list[torch.Tensor], params: Params) -> Fina
         labels=labels,
         confidence=log_confidence.exp().numpy().astype(np.float32),
         cluster_potentials=np.stack([result.log_cluster_potential for result in results]),
+        target_sizes=np.stack(sizes),
         objective=objective,
         selected_head=selected,
         diagnostics=[result.diagnostics() for result in results],
@@ -111,6 +122,7 @@ def label_metrics(final: FinalLabels, ground_truth: list[str | None], num_cluste
         "head_objective": final.objective,
         "mean_confidence": float(final.confidence[head].mean()),
         "cluster_sizes": [cluster_sizes(head_labels, num_clusters) for head_labels in final.labels],
+        "target_sizes": np.asarray(final.target_sizes).tolist(),
     }
     if ground_truth and all(truth is not None for truth in ground_truth):
         metrics.update(label_quality(final.labels[head], ground_truth))
@@ -178,15 +190,17 @@ class ExportedLabelSet:
 
 
 def export_label_set(model: MultiHeadNet, shard_dir: str | Path, params: Params, device: torch.device, workers: int,
-                     parent: pd.DataFrame | None, parent_tag: str | None) -> ExportedLabelSet:
+                     parent: pd.DataFrame | None, parent_tag: str | None,
+                     target_sizes: list[np.ndarray]) -> ExportedLabelSet:
     """The trained network's balanced labels of every image of ``shard_dir``, streamed as training reads them
-    (the export holds the logits, never the images), cluster ids aligned to the ``parent`` version's table."""
+    (the export holds the logits, never the images), each head balanced to ``target_sizes`` (the checkpoint's),
+    cluster ids aligned to the ``parent`` version's table."""
     manifest = read_manifest(shard_dir)
     keys = manifest["key"].tolist()
     truth = [None if pd.isna(value) else str(value) for value in manifest["ground_truth"]]
     _, logits = stream_logits(model, shard_table(shard_dir), params.train, device, workers, augmented=False, seed=0)
     heads = [head.contiguous() for head in torch.from_numpy(logits).split(params.train.head_sizes, dim=1)]
-    final = final_labels_from_logits(heads, params)
+    final = final_labels_from_logits(heads, params, target_sizes)
     kept = parent_label_head(parent) if params.train.start_from == "parent" else None
     if kept is not None and params.export.label_head == "lowest_loss" and kept < len(final.labels):
         # A version trained on from its parent keeps the parent's `label` head: the heads are different

@@ -68,9 +68,12 @@ def compute_logits(
 
 def solve_heads(
     logits: list[torch.Tensor], params: TrainParams, warm_starts: list[np.ndarray | None],
-    communicator: Communicator | None = None,
+    communicator: Communicator | None = None, target_sizes: list[np.ndarray] | None = None,
 ) -> list[SinkhornResult]:
     """Sinkhorn on each head's logits (N, K_h): with CuPy on the logits' GPU (zero-copy DLPack), numpy on CPU.
+
+    ``target_sizes``: each head's cluster sizes r (K_h,) summing to 1 (``Checkpoint.target_sizes``); None is
+    equipartition for every head.
 
     With a ``communicator`` (``TorchDistributed``) the logits are this process's rows of a solve sharded by rows
     over the process group: one all-reduce an iteration, every process ends with the same cluster potentials.
@@ -78,17 +81,18 @@ def solve_heads(
     The results' arrays are numpy either way. On a GPU the heads are solved one after the other in one CuPy
     context, and CuPy's memory pool is given back to torch once, after the last head.
     """
+    sizes = target_sizes if target_sizes is not None else [None] * len(logits)
     if not logits or not logits[0].is_cuda:
-        return [_solve(head.detach().cpu().numpy(), params.sinkhorn, warm, communicator)
-                for head, warm in zip(logits, warm_starts, strict=True)]
+        return [_solve(head.detach().cpu().numpy(), params.sinkhorn, warm, communicator, size)
+                for head, warm, size in zip(logits, warm_starts, sizes, strict=True)]
     import cupy  # a CUDA device without CuPy is a broken install: fail loudly, never fall back silently
 
     torch.cuda.empty_cache()  # blocks torch caches are invisible to CuPy's free-memory check
     results = []
     with cupy.cuda.Device(logits[0].device.index):  # CuPy allocates and launches on its *current* device
-        for head, warm in zip(logits, warm_starts, strict=True):
+        for head, warm, size in zip(logits, warm_starts, sizes, strict=True):
             result = _solve(cupy.from_dlpack(head.detach()), params.sinkhorn,
-                            None if warm is None else cupy.asarray(warm), communicator)
+                            None if warm is None else cupy.asarray(warm), communicator, size)
             result.labels = cupy.asnumpy(result.labels)
             result.log_cluster_potential = cupy.asnumpy(result.log_cluster_potential)
             results.append(result)
@@ -96,7 +100,8 @@ def solve_heads(
     return results
 
 
-def _solve(array: Any, settings: SinkhornParams, warm: Any, communicator: Communicator | None) -> SinkhornResult:
+def _solve(array: Any, settings: SinkhornParams, warm: Any, communicator: Communicator | None,
+           target_sizes: np.ndarray | None) -> SinkhornResult:
     """``sinkhorn_knopp`` with the configured settings, on whichever array namespace ``array`` belongs to."""
     return sinkhorn_knopp(
         array,
@@ -107,6 +112,7 @@ def _solve(array: Any, settings: SinkhornParams, warm: Any, communicator: Commun
         storage=settings.dtype,
         warm_start=warm,
         communicator=communicator,
+        target_sizes=target_sizes,
     )
 
 

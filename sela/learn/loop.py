@@ -14,6 +14,7 @@ Per process, memory grows with N only through per-image vectors: labels (num_hea
 and this rank's share of the relabel logits (N / world_size x sum of head sizes float32, memory-mapped).
 """
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,7 +40,9 @@ from sela.learn.train import (
     new_checkpoint,
     relabel_epochs,
     save_checkpoint,
+    saved_target_sizes,
 )
+from sela.sinkhorn.sizes import estimate_sizes
 from sela.sinkhorn.solver import TorchDistributed
 
 Progress = Callable[[dict[str, Any]], None]
@@ -155,6 +158,7 @@ def _start(run: TrainingRun, params: TrainParams, table: ShardTable, identity: s
     checkpoint.epoch = payload["epoch"]
     checkpoint.cluster_potentials = [None if p is None else p.numpy() for p in payload["cluster_potentials"]]
     checkpoint.history = payload["history"]
+    checkpoint.target_sizes = saved_target_sizes(payload, params)
     start = {"resumed_at_epoch": checkpoint.epoch, "reason": reason,
              "parent_version": incremental.parent_of(checkpoint.history)}
     if "rule_potentials" in payload:  # a start from a parent: its new images get the parent's labels for them
@@ -289,7 +293,10 @@ def relabel(checkpoint: Checkpoint, model: MultiHeadNet, table: ShardTable, para
     head_logits = [torch.from_numpy(np.ascontiguousarray(logits[:, columns[h] : columns[h + 1]])).to(run.device)
                    for h in heads]
     communicator = TorchDistributed() if processes.world_size > 1 else None
-    results = solve_heads(head_logits, params, [checkpoint.cluster_potentials[h] for h in heads], communicator)
+    if estimating_sizes(params, checkpoint.epoch):
+        update_target_sizes(checkpoint, heads, head_logits, params, processes)
+    results = solve_heads(head_logits, params, [checkpoint.cluster_potentials[h] for h in heads], communicator,
+                          [checkpoint.target_sizes[h] for h in heads])
     per_head = []
     for head, result in zip(heads, results, strict=True):
         labels = np.zeros(table.num_images, dtype=np.int64)
@@ -300,10 +307,30 @@ def relabel(checkpoint: Checkpoint, model: MultiHeadNet, table: ShardTable, para
         checkpoint.cluster_potentials[head] = np.asarray(result.log_cluster_potential)
         sizes = np.bincount(labels, minlength=params.head_sizes[head])
         per_head.append({"head": head, **result.diagnostics(), "changed": changed, "min_size": int(sizes.min()),
-                         "max_size": int(sizes.max())})
+                         "max_size": int(sizes.max()), "target_sizes": checkpoint.target_sizes[head].tolist()})
     summary = {"epoch": checkpoint.epoch, "source": source, "heads": per_head}
     checkpoint.history.append({"kind": "relabel", **summary})
     return summary
+
+
+def estimating_sizes(params: TrainParams, epoch: int) -> bool:
+    """Whether the relabel before ``epoch`` re-estimates the target sizes: ``sinkhorn.cluster_sizes: estimated``,
+    never before epoch 1 (an untrained network) nor within the first ``size_warmup`` of the epochs."""
+    settings = params.sinkhorn
+    return settings.cluster_sizes == "estimated" and epoch >= max(1, math.ceil(settings.size_warmup * params.epochs))
+
+
+def update_target_sizes(checkpoint: Checkpoint, heads: list[int], head_logits: list[torch.Tensor],
+                        params: TrainParams, processes: Processes) -> None:
+    """``sinkhorn.cluster_sizes: estimated``: move each head's target sizes towards the network's argmax counts on
+    this relabel's rows (``sela.sinkhorn.sizes.estimate_sizes``). The counts are summed over ranks (integers, exact),
+    so every rank computes the same sizes."""
+    settings = params.sinkhorn
+    for head, logits in zip(heads, head_logits, strict=True):
+        counts = torch.bincount(logits.argmax(1).cpu(), minlength=params.head_sizes[head])
+        counts = _all_reduce(counts, processes).numpy()
+        checkpoint.target_sizes[head] = estimate_sizes(checkpoint.target_sizes[head], counts, settings.size_floor,
+                                                       settings.size_update)
 
 
 def fresh_pass(model: MultiHeadNet, table: ShardTable, params: TrainParams, run: TrainingRun, processes: Processes,

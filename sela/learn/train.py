@@ -16,11 +16,14 @@ from sela.config import TrainParams
 from sela.learn.augment import augment
 from sela.learn.inference import autocast
 from sela.learn.models import MultiHeadNet, build_model, model_layout, to_device
+from sela.sinkhorn.sizes import uniform_sizes
 
 
 @dataclass
 class Checkpoint:
-    """Everything a training step needs: model, optimiser, current labels (num_heads, N), warm starts, history."""
+    """Everything a training step needs: model, optimiser, current labels (num_heads, N), warm starts, history, and
+    each head's target cluster sizes of the relabel (K_h,) summing to 1 (uniform unless ``sinkhorn.cluster_sizes:
+    estimated`` moved them; the export's final solve uses the last ones)."""
 
     model: MultiHeadNet
     optimizer: torch.optim.SGD
@@ -28,6 +31,7 @@ class Checkpoint:
     epoch: int = 0
     cluster_potentials: list[np.ndarray | None] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)
+    target_sizes: list[np.ndarray] = field(default_factory=list)
 
 
 def relabel_epochs(epochs: int, num_relabels: int, power: float, first: int = 0) -> list[int]:
@@ -57,7 +61,8 @@ def new_checkpoint(params: TrainParams, num_images: int) -> Checkpoint:
         model.parameters(), lr=params.learning_rate, momentum=params.momentum, weight_decay=params.weight_decay
     )
     labels = random_balanced_labels(num_images, params.head_sizes, params.seed)
-    return Checkpoint(model, optimizer, labels, cluster_potentials=[None] * len(params.head_sizes))
+    return Checkpoint(model, optimizer, labels, cluster_potentials=[None] * len(params.head_sizes),
+                      target_sizes=[uniform_sizes(size) for size in params.head_sizes])
 
 
 def save_checkpoint(checkpoint: Checkpoint, path: Path, fingerprint: str | None = None) -> None:
@@ -74,6 +79,7 @@ def save_checkpoint(checkpoint: Checkpoint, path: Path, fingerprint: str | None 
         "epoch": checkpoint.epoch,
         "cluster_potentials": [None if p is None else torch.from_numpy(p) for p in checkpoint.cluster_potentials],
         "history": checkpoint.history,
+        "target_sizes": [torch.from_numpy(sizes) for sizes in checkpoint.target_sizes],
         "fingerprint": fingerprint,
     }
     temporary = path.with_suffix(path.suffix + ".tmp")
@@ -98,7 +104,16 @@ def load_checkpoint(path: Path, params: TrainParams, device: torch.device) -> Ch
     checkpoint.epoch = payload["epoch"]
     checkpoint.cluster_potentials = [None if p is None else p.numpy() for p in payload["cluster_potentials"]]
     checkpoint.history = payload["history"]
+    checkpoint.target_sizes = saved_target_sizes(payload, params)
     return checkpoint
+
+
+def saved_target_sizes(payload: dict[str, Any], params: TrainParams) -> list[np.ndarray]:
+    """The checkpoint's target sizes per head; a checkpoint written before they were saved was trained with
+    equipartition (the only sizes there were), so it gets uniform ones."""
+    if "target_sizes" not in payload:
+        return [uniform_sizes(size) for size in params.head_sizes]
+    return [sizes.numpy().copy() for sizes in payload["target_sizes"]]
 
 
 def learning_rate(params: TrainParams, epoch: int) -> float:

@@ -1,15 +1,17 @@
-"""Sinkhorn-Knopp relabelling with equipartition (SeLa, Asano et al. 2020), safe without float64.
+"""Sinkhorn-Knopp relabelling to given cluster sizes (SeLa, Asano et al. 2020), safe without float64.
 
 The paper's optimal-transport problem: given network outputs P (N images x K clusters) and a sharpness
-``lambda``, find Q = diag(u) P^lambda diag(v) whose rows sum to 1/N and columns to 1/K (every cluster gets
-N/K images), then label each image with argmax_k Q[i, k].
+``lambda``, find Q = diag(u) P^lambda diag(v) whose rows sum to 1/N and columns to r_k (cluster k gets N r_k
+images), then label each image with argmax_k Q[i, k]. The paper's equipartition is r_k = 1/K, the default; a
+non-uniform target r (a K-vector on the simplex, ``target_sizes``) serves collections whose clusters are not
+equally large (``sela.sinkhorn.sizes``).
 
 P^lambda underflows in float32 (and even float64 for confident networks), so the solver works with the
 log-kernel ``S = lambda * (z - max_k z)`` (z the logits: a row constant is absorbed by the row scaling) and
 Schmitzer's stabilised scaling iterations. Log-potentials f (N), g (K) stay in float64; the stored kernel is
 E = exp(S + f + g) with f chosen so that every row of E sums to 1 (entries in [0, 1], so float32, bfloat16 and
 float16 storage all keep their range). An iteration is one *fused pass* over E: u = 1 / (E v) and the column sums
-u^T E together (``sela.sinkhorn.kernels``), then v = (N / K) / column sums: the paper's alternating update.
+u^T E together (``sela.sinkhorn.kernels``), then v = N r / column sums: the paper's alternating update.
 When u or v leaves [1/tau, tau] or stops being finite, they are folded into f, g and the iteration is taken
 exactly in the log domain from the logits, which also rebuilds E.
 
@@ -22,7 +24,6 @@ One code path serves numpy and CuPy through the array namespace of the input. Pa
 here: r (cluster scaling) -> v, c (image scaling) -> u, lambda -> sharpness.
 """
 
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -56,7 +57,8 @@ class SinkhornResult:
     """Solution of one relabel (of this process's rows when sharded).
 
     labels: (N,) int64, argmax per row of the transport plan.
-    column_marginal_error: max_k |K * column_sum_k - 1| of the returned plan (computed exactly from the logits).
+    column_marginal_error: max_k |column_sum_k / r_k - 1| of the returned plan (computed exactly from the logits;
+        K column_sum_k - 1 under equipartition).
     log_cluster_potential: (K,) float64, g + log v: pass back as ``warm_start`` to the next relabel.
     Arrays live on the input's device (numpy or CuPy).
     """
@@ -236,8 +238,9 @@ def _row_normalised_build(
     return log_image, column
 
 
-def _log_column_update(scores: ScoreBlocks, log_image: Any, log_target: float, communicator: Communicator) -> Any:
-    """g_k = log(N / K) - logsumexp_i(S_ik + f_i) over all shards (two reductions). Returns (K,) float64."""
+def _log_column_update(scores: ScoreBlocks, log_image: Any, log_target: Any, communicator: Communicator) -> Any:
+    """g_k = log(N r_k) - logsumexp_i(S_ik + f_i) over all shards (two reductions); ``log_target`` (K,) is
+    log(N r). Returns (K,) float64."""
     xp = scores.xp
     num_clusters = scores.logits.shape[1]
     peaks, sums = [], []
@@ -292,7 +295,7 @@ def _out_of_range(xp: Any, scaling: Any, bound: float) -> Any:
 
 
 def _log_domain_step(
-    scores: ScoreBlocks, kernel: StoredKernel, log_image: Any, log_target: float, communicator: Communicator,
+    scores: ScoreBlocks, kernel: StoredKernel, log_image: Any, log_target: Any, communicator: Communicator,
     flush_subnormals: bool,
 ) -> tuple[Any, Any, Any]:
     """One exact iteration in the log domain (stabilisation): the last in-range scalings are already folded into
@@ -317,16 +320,20 @@ def sinkhorn_knopp(
     communicator: Communicator | None = None,
     memory_available: int | None = None,
     range_checks: RangeChecks | None = None,
+    target_sizes: Any | None = None,
 ) -> SinkhornResult:
-    """Equipartitioned optimal transport of P^lambda, P = softmax(logits). (N, K) logits -> labels (N,).
+    """Optimal transport of P^lambda, P = softmax(logits), to cluster sizes r. (N, K) logits -> labels (N,).
+
+    ``target_sizes``: r (K,), positive and summing to 1 (cluster k gets N r_k images: the column sums of Q); None
+    is equipartition, r_k = 1/K. It must be the same on every process of a sharded solve.
 
     Stopping rules (checked after iterations 1, 1 + ``check_every``, 1 + 2 ``check_every``, ... as in the paper's
     code):
     - ``official``: sum over images of |u_old / u_new - 1| < tolerance (the paper's rule on its image scaling). A
       sum over the N images (about N x the mean column error): a fixed tolerance tightens as N grows, and at
       lambda 25 on a confident network it is not met within thousands of iterations (docs/sinkhorn.md, stopping rule).
-    - ``marginal``: max_k |K * column_sum_k - 1| < tolerance (independent of N): every cluster's size within
-      ``tolerance`` of N / K. params.yaml's default (0.01).
+    - ``marginal``: max_k |column_sum_k / r_k - 1| < tolerance (independent of N): every cluster's size within
+      ``tolerance`` of its target N r_k, relatively (N / K under equipartition). params.yaml's default (0.01).
     Non-finite values never count as convergence: the solver stabilises instead, and raises if it cannot.
     ``storage``: type of the stored kernel E (float64/float32 on CPU; float64/float32/float16/bfloat16 on CuPy,
     float16 and bfloat16 through the fused CUDA kernel). ``warm_start``: a previous result's
@@ -347,6 +354,7 @@ def sinkhorn_knopp(
     local_rows, num_clusters = logits.shape
     num_rows = int(communicator.all_reduce_sum(xp.asarray([float(local_rows)]))[0])
     _check_inputs(xp, logits, num_rows, check_every, warm_start)
+    sizes = _target_sizes(target_sizes, num_clusters)
     block_dtype = score_dtype(storage)
     chunk_rows = min(chunk_rows or default_chunk_rows(xp, num_clusters, block_dtype.itemsize), max(local_rows, 1))
     stability_bound = stability_bound or STABILITY_BOUND[storage]
@@ -356,8 +364,8 @@ def sinkhorn_knopp(
     kernel = make_kernel(xp, (local_rows, num_clusters), storage)
     scores = ScoreBlocks(xp, logits, sharpness, block_dtype, chunk_rows)
     flush = xp is np
-    target = num_rows / num_clusters  # column sums of the row-normalised plan
-    log_target = math.log(target)
+    target = xp.asarray(num_rows * sizes)  # (K,) column sums of the row-normalised plan: N r
+    log_target = xp.log(target)
 
     g = xp.zeros(num_clusters, xp.float64) if warm_start is None else xp.asarray(warm_start, dtype=xp.float64)
     f, column = _row_normalised_build(scores, kernel, g, flush)
@@ -432,6 +440,22 @@ def sinkhorn_knopp(
         rollbacks=rollbacks,
         column_marginal_error=float(xp.max(xp.abs(plan_column / target - 1.0))),
     )
+
+
+def _target_sizes(target_sizes: Any | None, num_clusters: int) -> np.ndarray:
+    """r (K,) float64 on the host: uniform for None; else checked (positive, finite, summing to 1 within 1e-6) and
+    normalised exactly. A size of 0 would make the cluster's scaling infinite: use a floor (``sela.sinkhorn.sizes``)."""
+    if target_sizes is None:
+        return np.full(num_clusters, 1.0 / num_clusters)
+    sizes = np.asarray(target_sizes.get() if hasattr(target_sizes, "get") else target_sizes, dtype=np.float64)
+    if sizes.shape != (num_clusters,):
+        raise ValueError(f"target_sizes must have shape ({num_clusters},), got {sizes.shape}")
+    if not np.all(np.isfinite(sizes) & (sizes > 0)):
+        raise ValueError(f"target_sizes must be finite and positive (a cluster of size 0 cannot be reached), got "
+                         f"{sizes.tolist()}")
+    if abs(sizes.sum() - 1.0) > 1e-6:
+        raise ValueError(f"target_sizes must sum to 1 (fractions of the images), got a sum of {sizes.sum()!r}")
+    return sizes / sizes.sum()
 
 
 def _check_inputs(xp: Any, logits: Any, num_rows: int, check_every: int, warm_start: Any | None) -> None:

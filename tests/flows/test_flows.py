@@ -116,6 +116,8 @@ def assert_card_relabels_the_published_images(project, card: dict, table) -> Non
     predicted = predict_labels(checkpoint.model, images, np.asarray(card["cluster_potentials"]), params,
                                torch.device("cpu"))
     assert card["cluster_id_alignment"] is None and predicted.shape == (params.train.num_heads, table.num_rows)
+    # The sizes the export balanced each head to are the ones its training ended with (the checkpoint's).
+    np.testing.assert_array_equal(card["target_sizes"], np.stack(checkpoint.target_sizes[: params.train.num_heads]))
     for head, head_labels in enumerate(predicted):
         np.testing.assert_array_equal(head_labels, table.column(f"label_head_{head}").to_numpy())
 

@@ -35,7 +35,10 @@ def test_missing_key_is_named():
 
 @pytest.mark.parametrize(
     ("key", "value"),
-    [("train.num_clusters", -3), ("train.augment.flip_probability", 1.5), ("train.sinkhorn.dtype", "float8")],
+    [("train.num_clusters", -3), ("train.augment.flip_probability", 1.5), ("train.sinkhorn.dtype", "float8"),
+     ("train.sinkhorn.cluster_sizes", "uniform"), ("train.sinkhorn.size_floor", 0.0),
+     ("train.sinkhorn.size_floor", 1.0), ("train.sinkhorn.size_update", 0.0), ("train.sinkhorn.size_update", 1.5),
+     ("train.sinkhorn.size_warmup", 1.0), ("train.sinkhorn.size_warmup", -0.1)],
 )
 def test_bad_override_is_named(key, value):
     with pytest.raises(ParamsError, match=key.replace(".", r"\.")):
@@ -86,3 +89,10 @@ def test_incremental_relabels_must_fit_between_its_epochs():
     assert params.train.incremental.relabels == 2 and params.train.start_from == "parent"
     with pytest.raises(ParamsError, match="train.start_from"):
         parse_params(raw_params(), {"train.start_from": "previous"})
+
+
+def test_estimated_cluster_sizes_are_accepted_with_their_floor_and_update():
+    sinkhorn = parse_params(raw_params(), {"train.sinkhorn.cluster_sizes": "estimated",
+                                           "train.sinkhorn.size_floor": 0.25, "train.sinkhorn.size_update": 1.0}
+                            ).train.sinkhorn
+    assert (sinkhorn.cluster_sizes, sinkhorn.size_floor, sinkhorn.size_update) == ("estimated", 0.25, 1.0)

@@ -5,6 +5,7 @@ import pandas as pd
 import pytest
 import torch
 
+from sela.sinkhorn.sizes import uniform_sizes
 from sela.config import load_params
 from sela.data.shards import read_manifest, read_shards, write_shards
 from sela.data.sources import iter_digit_samples
@@ -39,7 +40,7 @@ def digits(tmp_path_factory):
 
 def renamed_rule(params, model, images, selected_head=1) -> LabelRule:
     """The rule of the label set these images would make, with head 0's ids reversed as an alignment would."""
-    final = final_labels(model, images, params, CPU)
+    final = final_labels(model, images, params, CPU, [uniform_sizes(k) for k in params.train.head_sizes])
     clusters = params.train.num_clusters
     renaming = np.stack([np.arange(clusters)[::-1], np.arange(clusters)])
     return LabelRule(final.cluster_potentials, renaming, selected_head)
@@ -62,7 +63,7 @@ def test_streamed_prediction_is_the_in_memory_rule_under_the_published_ids(digit
         np.testing.assert_array_equal(prediction.network_labels[head],
                                       rule.output_to_label[head][probabilities.argmax(1)])
     # The label set's own images: the rule gives back the Sinkhorn labels, where plain argmax does not.
-    final = final_labels(model, images, params, CPU)
+    final = final_labels(model, images, params, CPU, [uniform_sizes(k) for k in params.train.head_sizes])
     np.testing.assert_array_equal(prediction.labels[1], final.labels[1])
 
 

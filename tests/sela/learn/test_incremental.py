@@ -34,7 +34,8 @@ def versions(tmp_path_factory) -> dict:
     parent_dir = folder / "labels-v1"
     run = TrainingRun(str(folder / "old"), parent_dir / "checkpoint.pt", folder / "old-state", CPU, 0)
     checkpoint = run_training(run, params.train)
-    exported = export.export_label_set(checkpoint.model, folder / "old", params, CPU, 0, None, None)
+    exported = export.export_label_set(checkpoint.model, folder / "old", params, CPU, 0, None, None,
+                                       checkpoint.target_sizes)
     final = exported.final
     label_set.write_label_set(label_set.label_table(exported.keys, final.labels, final.confidence,
                                                     final.selected_head), parent_dir / "labels.parquet")

@@ -64,7 +64,7 @@ def test_overclustering_heads_are_trained_relabelled_and_not_exported(shards, tm
     assert checkpoint.labels[:2].max() == 9
     params = small_params(**{"train.overclustering.num_heads": 2, "train.overclustering.num_clusters": 40})
     images = torch.from_numpy(np.zeros((20, 16, 16, 3), dtype=np.uint8))
-    final = export.final_labels(checkpoint.model, images, params, torch.device("cpu"))
+    final = export.final_labels(checkpoint.model, images, params, torch.device("cpu"), checkpoint.target_sizes)
     assert final.labels.shape == (2, 20) and final.labels.max() <= 9
 
 
@@ -77,8 +77,11 @@ def test_one_head_in_turn_after_a_first_relabel_of_every_head(shards, tmp_path):
 
 
 @pytest.mark.slow
-def test_an_interrupted_run_resumes_after_its_last_epoch_and_ends_with_the_same_labels(shards, tmp_path):
-    whole, _ = run(shards, tmp_path / "whole", **{"train.epochs": 3, "train.num_relabels": 3})
+@pytest.mark.parametrize("cluster_sizes", ["equal", "estimated"])
+def test_an_interrupted_run_resumes_after_its_last_epoch_and_ends_with_the_same_labels(shards, tmp_path,
+                                                                                       cluster_sizes):
+    settings = {"train.epochs": 3, "train.num_relabels": 3, "train.sinkhorn.cluster_sizes": cluster_sizes}
+    whole, _ = run(shards, tmp_path / "whole", **settings)
 
     class Crash(Exception):
         pass
@@ -91,14 +94,15 @@ def test_an_interrupted_run_resumes_after_its_last_epoch_and_ends_with_the_same_
     setup = TrainingRun(str(shards), crashed / "checkpoint.pt", crashed / "state", torch.device("cpu"), 0,
                         crash_in_epoch_two)
     with pytest.raises(Crash):
-        run_training(setup, small_params(**{"train.epochs": 3, "train.num_relabels": 3}).train)
-    resumed, events = run(shards, tmp_path / "crashed", **{"train.epochs": 3, "train.num_relabels": 3})
+        run_training(setup, small_params(**settings).train)
+    resumed, events = run(shards, tmp_path / "crashed", **settings)
     assert events[0]["resumed_at_epoch"] == 1 and events[0]["reason"] == "resuming after epoch 1"
     np.testing.assert_array_equal(resumed.labels, whole.labels)
+    np.testing.assert_array_equal(np.stack(resumed.target_sizes), np.stack(whole.target_sizes))
     for key, value in whole.model.state_dict().items():
         torch.testing.assert_close(resumed.model.state_dict()[key], value, rtol=0, atol=0)
     # A finished run is not resumed: a rerun trains again from scratch.
-    _, again = run(shards, tmp_path / "crashed", **{"train.epochs": 3, "train.num_relabels": 3})
+    _, again = run(shards, tmp_path / "crashed", **settings)
     assert again[0]["resumed_at_epoch"] is None and "finished run" in again[0]["reason"]
 
 
@@ -110,6 +114,33 @@ def test_the_checkpoint_loads_for_export_with_labels_and_potentials(shards, tmp_
     np.testing.assert_array_equal(loaded.cluster_potentials[1], checkpoint.cluster_potentials[1])
     assert not (tmp_path / "checkpoint.pt.tmp").exists()
     assert not list((tmp_path / "state").glob("epoch-*"))  # a finished run leaves no epoch logits behind
+
+
+def test_estimated_sizes_follow_the_network_after_the_first_relabel_keep_the_floor_and_are_saved(shards, tmp_path):
+    checkpoint, events = run(shards, tmp_path, **{"train.sinkhorn.cluster_sizes": "estimated",
+                                                  "train.sinkhorn.size_floor": 0.5, "train.sinkhorn.size_warmup": 0.0,
+                                                  "train.epochs": 2})
+    relabels = [event for event in events if event["kind"] == "relabel"]
+    assert [event["epoch"] for event in relabels] == [0, 1]
+    for head in relabels[0]["heads"]:  # the untrained network's counts are not used
+        assert head["target_sizes"] == [0.1] * 10
+    for head, event in zip(range(2), relabels[1]["heads"], strict=True):
+        sizes = checkpoint.target_sizes[head]
+        assert event["target_sizes"] == sizes.tolist() and event["converged"]
+        assert sizes.sum() == pytest.approx(1.0) and sizes.min() >= 0.05 - 1e-12 and np.ptp(sizes) > 1e-3
+        assert event["min_size"] <= 1797 * sizes.min() * 1.1 and event["max_size"] >= 1797 * sizes.max() * 0.9
+    loaded = train.load_checkpoint(tmp_path / "checkpoint.pt", small_params().train, torch.device("cpu"))
+    np.testing.assert_array_equal(np.stack(loaded.target_sizes), np.stack(checkpoint.target_sizes))
+
+
+def test_sizes_are_estimated_after_the_warmup_and_never_before_the_first_epoch():
+    def schedule(warmup):
+        params = small_params(**{"train.sinkhorn.cluster_sizes": "estimated", "train.sinkhorn.size_warmup": warmup,
+                                 "train.epochs": 10}).train
+        return [epoch for epoch in range(10) if loop.estimating_sizes(params, epoch)]
+
+    assert schedule(0.0) == list(range(1, 10)) and schedule(0.3) == list(range(3, 10))
+    assert not loop.estimating_sizes(small_params(**{"train.epochs": 10}).train, 5)  # equal sizes: never
 
 
 @pytest.mark.parametrize("damage", ["zeroed", "truncated"])

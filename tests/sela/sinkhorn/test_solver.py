@@ -62,6 +62,39 @@ def test_plan_has_equipartition_marginals(xp, storage):
     assert sizes.min() > 0.8 * 150 and sizes.max() < 1.2 * 150  # balanced although the truth is Zipf-imbalanced
 
 
+ZIPF_SIZES = np.arange(1, 21) ** -1.0 / (np.arange(1, 21) ** -1.0).sum()  # 20 clusters, largest 0.28, smallest 0.014
+
+
+@pytest.mark.parametrize("storage", ["float32", "float64"])
+def test_plan_reaches_non_uniform_target_sizes(xp, storage):
+    logits = noisy_logits(3000, 20, signal=2.0)
+    result = sinkhorn_knopp(xp.asarray(logits), 25.0, storage=storage, stop_rule="marginal", tolerance=1e-4,
+                            target_sizes=xp.asarray(ZIPF_SIZES))
+    plan = to_numpy(transport_plan(xp.asarray(logits), 25.0, result))
+    assert result.converged and result.error < 1e-4  # the stopping rule measures each size relative to its target
+    np.testing.assert_allclose(plan.sum(axis=0), ZIPF_SIZES, rtol=2e-4)
+    assert result.column_marginal_error == pytest.approx(np.abs(plan.sum(axis=0) / ZIPF_SIZES - 1).max(), abs=1e-5)
+    sizes = np.bincount(to_numpy(result.labels), minlength=20)
+    np.testing.assert_allclose(sizes, 3000 * ZIPF_SIZES, rtol=0.25, atol=3)  # hard labels follow the plan's sizes
+
+
+def test_uniform_target_sizes_are_equipartition_bit_for_bit(xp):
+    logits = xp.asarray(noisy_logits(2000, 10, signal=3.0))
+    default = sinkhorn_knopp(logits, 25.0, stop_rule="marginal", tolerance=1e-3)
+    uniform = sinkhorn_knopp(logits, 25.0, stop_rule="marginal", tolerance=1e-3, target_sizes=np.full(10, 0.1))
+    np.testing.assert_array_equal(to_numpy(uniform.labels), to_numpy(default.labels))
+    np.testing.assert_array_equal(to_numpy(uniform.log_cluster_potential), to_numpy(default.log_cluster_potential))
+    assert uniform.iterations == default.iterations
+
+
+@pytest.mark.parametrize(("sizes", "message"), [
+    (np.full(9, 1 / 9), "shape"), (np.r_[0.0, np.full(9, 1 / 9)], "positive"), (np.full(10, 0.2), "sum to 1"),
+    (np.r_[np.nan, np.full(9, 0.1)], "positive")])
+def test_bad_target_sizes_are_refused(sizes, message):
+    with pytest.raises(ValueError, match=message):
+        sinkhorn_knopp(noisy_logits(100, 10, signal=1.0), 25.0, target_sizes=sizes)
+
+
 def test_labels_equal_the_paper_update_in_float64(xp):
     logits = noisy_logits(2000, 10, signal=1.0, seed=1)
     reference, _, _ = paper_update(logits, 25.0)
@@ -282,6 +315,9 @@ SHARDED_CASES = {
     "peaked-at-checks": ({"signal": 12.0, "scale": 3.0}, {"stop_rule": "marginal", "tolerance": 1e-9,
                                                           "max_iterations": 300, "storage": "float64",
                                                           "range_checks": "at_checks"}, 1e-9),
+    # Unequal target sizes r (1 to 40 parts): every rank holds the same r, its rows give their share of the sums.
+    "target-sizes": ({"signal": 2.0, "scale": 1.0}, {"stop_rule": "marginal", "tolerance": 1e-6, "storage": "float64",
+                                                     "target_sizes": np.arange(1, 41) / 820.0}, 1e-9),
 }
 
 

@@ -1,0 +1,189 @@
+"""Cluster sizes beyond equipartition on imbalanced CIFAR-10: equal against estimated target sizes, same run.
+
+    flock /tmp/sela-cpu.lock python benchmarks/imbalance.py --epochs 25            # 2 CPU cores: about 30 min idle
+    python benchmarks/imbalance.py --epochs 2 --scale 0.05                          # a smoke run: about 2 min
+
+The SeLa paper's three train sets of its imbalance study, each scored on the test split with the same fractions of
+every class removed (the images dropped are a fixed random choice, seed 0, per class and split):
+
+- ``full``: CIFAR-10 as it is (5,000 images a class);
+- ``light``: half of class ``truck`` removed;
+- ``heavy``: 0%, 10%, ..., 90% of classes 0-9 (airplane ... truck, in folder order) removed: 5,000 down to 500.
+
+For every set the chosen files are listed in a list file, ingested by the pipeline's own ingest
+(``sela.data.ingest``), and self-labelled by the pipeline's own loop (``sela.learn.loop.run_training``) twice, for a
+fixed number of epochs (``--epochs``: results do not depend on the host's load): ``train.sinkhorn.cluster_sizes:
+equal`` (equipartition) and ``estimated``. Everything else is params.yaml plus ``benchmarks/quality.py``'s CIFAR-10
+overrides; scoring is ``benchmarks/quality.py``'s: the exported 10-way head on the test subset (ACC/NMI by the label
+set's rule, the argmax's ACC beside it), weighted kNN of test against train features, and raw-pixel k-means on the
+test subset, computed in the same run. The class folders are ground truth for scoring only. Prints one line per
+epoch and a table per set with the difference estimated - equal in points.
+"""
+
+import argparse
+import json
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.quality import CIFAR_OVERRIDES, baselines, score  # noqa: E402
+from sela.config import Params, load_params  # noqa: E402
+from sela.data.ingest import ingest  # noqa: E402
+from sela.data.shards import LoadedShards, read_shards  # noqa: E402
+from sela.labels import export  # noqa: E402
+from sela.learn.loop import TrainingRun, run_training  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+# Fraction of each class removed, in CLASSES order (the paper's study).
+REMOVED = {"full": [0.0] * 10, "light": [0.0] * 9 + [0.5], "heavy": [c / 10 for c in range(10)]}
+METHODS = ("equal", "estimated")
+
+
+def extracted(dataset: Path, folder: Path, split: str) -> Path:
+    """``folder/split`` holding the split's JPEGs in class folders, extracted once from ``dataset/split.tar.gz``
+    (into a temporary folder renamed when complete, so an interrupted extraction is never taken for one)."""
+    target = folder / split
+    if not target.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=folder) as partial:
+            with tarfile.open(dataset / f"{split}.tar.gz") as archive:
+                archive.extractall(partial, filter="data")
+            (Path(partial) / split).rename(target)
+    return target
+
+
+def chosen_files(split_dir: Path, removed: list[float]) -> list[Path]:
+    """Every class's files minus the fraction ``removed[c]`` (a fixed random choice, seed 0, of the sorted files)."""
+    kept = []
+    for name, fraction in zip(CLASSES, removed, strict=True):
+        files = sorted((split_dir / name).glob("*.jpg"))
+        if not files:
+            raise FileNotFoundError(f"no JPEGs in {split_dir / name}: is {split_dir} CIFAR-10 in class folders?")
+        order = np.random.default_rng(0).permutation(len(files))
+        kept += sorted(files[i] for i in order[: round(len(files) * (1 - fraction))])
+    return kept
+
+
+def scaled(files: list[Path], scale: float) -> list[Path]:
+    """Every class's files thinned to ``scale`` (quick runs); 1 keeps them all."""
+    if scale == 1:
+        return files
+    by_class: dict[str, list[Path]] = {}
+    for path in files:
+        by_class.setdefault(path.parent.name, []).append(path)
+    return [path for paths in by_class.values() for path in paths[: max(1, round(len(paths) * scale))]]
+
+
+def ingest_files(files: list[Path], shard_dir: Path, params: Params, workers: int) -> LoadedShards:
+    """A list file of ``files`` ingested by the pipeline into ``shard_dir``; returns the shards decoded at
+    ``train.decode_size`` (for scoring: training streams the shards)."""
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    listing = shard_dir.parent / f"{shard_dir.name}.txt"
+    listing.write_text("".join(f"{path}\n" for path in files))
+    shard_params = load_params(ROOT / "params.yaml", {"shard.source": str(listing), "shard.min_side": 8}).shard
+    ingest(shard_params, str(shard_dir), workers=workers)
+    loaded = read_shards(shard_dir, params.train.decode_size)
+    if len(loaded) != len(files):
+        raise RuntimeError(f"{len(files)} files listed but {len(loaded)} ingested into {shard_dir}")
+    return loaded
+
+
+def self_label(params: Params, shard_dir: Path, state_dir: Path, device: torch.device, name: str):
+    """The pipeline's loop for ``train.epochs`` epochs; logs one line an epoch. Returns (checkpoint, seconds)."""
+    started = time.perf_counter()
+
+    def progress(event: dict) -> None:
+        if event["kind"] == "epoch":
+            print(f"{name}: epoch {event['epoch']:>3}/{event['epochs']} {event['seconds']:5.1f}s "
+                  f"loss {event['loss']:.3f}", flush=True)
+
+    run = TrainingRun(str(shard_dir), state_dir / "checkpoint.pt", state_dir, device, 0, progress)
+    checkpoint = run_training(run, params.train)
+    return checkpoint, time.perf_counter() - started
+
+
+def evaluate_set(name: str, train_split: LoadedShards, test_split: LoadedShards, shard_dir: Path, scratch: Path,
+                 base: Params, device: torch.device) -> dict[str, dict[str, float]]:
+    """k-means on the test subset's pixels, then both methods trained and scored. Returns rows of the table."""
+    rows = {"k-means pixels": baselines(train_split, test_split, base)["k-means pixels"]}
+    truth = np.bincount([CLASSES.index(label) for label in train_split.ground_truth], minlength=10)
+    truth = np.sort(truth / truth.sum())[::-1]
+    for method in METHODS:
+        params = base.model_copy(update={"train": base.train.model_copy(update={
+            "sinkhorn": base.train.sinkhorn.model_copy(update={"cluster_sizes": method})})})
+        checkpoint, seconds = self_label(params, shard_dir, scratch / f"{name}-{method}", device, f"{name}/{method}")
+        final = export.final_labels(checkpoint.model, torch.from_numpy(train_split.images), params, device,
+                                    checkpoint.target_sizes)
+        scored = score(checkpoint.model, final, train_split, test_split, params, device)
+        sizes = np.sort(final.target_sizes[final.selected_head])[::-1]
+        rows[method] = {**scored["sela rule (test)"], "argmax_acc": scored["sela head (test)"]["acc"],
+                        "knn": scored["sela head (test)"]["knn"], "train_acc": scored["sela labels (train)"]["acc"],
+                        "size_error": float(np.abs(sizes - truth).sum() / 2), "minutes": seconds / 60,
+                        "sizes": sizes.round(4).tolist()}
+        print(f"{name}/{method}: " + json.dumps(rows[method]), flush=True)
+    return rows
+
+
+def print_table(name: str, rows: dict[str, dict[str, float]], num_train: int, num_test: int) -> None:
+    print(f"\n{name}: {num_train} train / {num_test} test images")
+    print(f"{'':<16}{'ACC':>7}{'NMI':>7}{'argmax':>8}{'kNN':>7}{'train ACC':>10}{'size err':>10}{'min':>6}")
+    for method, values in rows.items():
+        cells = "".join(f"{100 * values[key]:>{width}.1f}" if key in values else f"{'-':>{width}}"
+                        for key, width in (("acc", 7), ("nmi", 7), ("argmax_acc", 8), ("knn", 7), ("train_acc", 10),
+                                           ("size_error", 10)))
+        minutes = f"{values['minutes']:>6.1f}" if "minutes" in values else f"{'-':>6}"
+        print(f"{method:<16}{cells}{minutes}")
+    equal, estimated, kmeans = rows["equal"], rows["estimated"], rows["k-means pixels"]
+    print(f"estimated - equal: ACC {100 * (estimated['acc'] - equal['acc']):+.1f}, NMI "
+          f"{100 * (estimated['nmi'] - equal['nmi']):+.1f}, kNN {100 * (estimated['knn'] - equal['knn']):+.1f} "
+          f"points; ACC against k-means: equal {equal['acc'] / kmeans['acc']:.2f}x, estimated "
+          f"{estimated['acc'] / kmeans['acc']:.2f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=25, help="epochs of every run (fixed: not a time budget)")
+    parser.add_argument("--dataset", type=Path, default=ROOT.parent / "shared" / "datasets" / "cifar10")
+    parser.add_argument("--extracted", type=Path, default=Path("/tmp/cifar"),
+                        help="folder with train/ and test/ JPEGs (extracted from --dataset once if absent)")
+    parser.add_argument("--sets", default="full,light,heavy")
+    parser.add_argument("--scale", type=float, default=1.0, help="keep this fraction of every class (quick runs)")
+    parser.add_argument("--workers", type=int, default=2, help="ingest processes")
+    parser.add_argument("--overrides", default="{}", help="JSON of params.yaml overrides on top of the CIFAR ones")
+    args = parser.parse_args()
+    device = torch.device("cpu")
+    base = load_params(ROOT / "params.yaml", {**CIFAR_OVERRIDES, "train.epochs": args.epochs,
+                                              **json.loads(args.overrides)})
+    print("train: " + json.dumps(base.train.model_dump()), flush=True)
+    started = time.perf_counter()
+    splits = {split: extracted(args.dataset, args.extracted, split) for split in ("train", "test")}
+    tables = {}
+    with tempfile.TemporaryDirectory() as temporary:
+        scratch = Path(temporary)
+        for name in args.sets.split(","):
+            began = time.perf_counter()
+            loaded = {split: ingest_files(scaled(chosen_files(folder, REMOVED[name]), args.scale),
+                                          scratch / f"{name}-{split}", base, args.workers)
+                      for split, folder in splits.items()}
+            print(f"{name}: {len(loaded['train'])} train, {len(loaded['test'])} test images ingested "
+                  f"({time.perf_counter() - began:.0f}s)", flush=True)
+            rows = evaluate_set(name, loaded["train"], loaded["test"], scratch / f"{name}-train", scratch, base,
+                                device)
+            tables[name] = (rows, len(loaded["train"]), len(loaded["test"]))
+    print(f"\n{args.epochs} epochs a run, {torch.get_num_threads()} CPU threads, "
+          f"{(time.perf_counter() - started) / 60:.1f} min in all. ACC/NMI: the 10-way head on the test subset by "
+          "the label set's rule; argmax: its plain argmax; size err: half the L1 distance between the head's "
+          "final target sizes and the train subset's class proportions (both sorted)")
+    for name, (rows, num_train, num_test) in tables.items():
+        print_table(name, rows, num_train, num_test)
+
+
+if __name__ == "__main__":
+    main()
