@@ -120,7 +120,9 @@ def parent_start(parent: ParentVersion, params: TrainParams, keys: list[str]) ->
              "kept": len(keys) - new, "new": new, "dropped": len(parent_keys) - (len(keys) - new)}
     return {"model": payload["model"], "optimizer": None, "labels": torch.from_numpy(labels), "epoch": 0,
             "cluster_potentials": payload["cluster_potentials"], "history": [start],
-            "rule_potentials": rule_potentials(card, payload, params, parent.tag)}
+            "rule_potentials": rule_potentials(card, payload, params, parent.tag),
+            # the sizes the parent's training ended with (estimated ones carry on); absent: equal, as it trained
+            **({"target_sizes": payload["target_sizes"]} if "target_sizes" in payload else {})}
 
 
 def published_outputs(table: Any, card: dict[str, Any], num_heads: int) -> np.ndarray:
