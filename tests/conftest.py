@@ -97,29 +97,35 @@ def make_project(destination: Path, train_overrides: dict | None = None) -> Path
     return destination
 
 
-@pytest.fixture(scope="session")
-def published_digits(prefect_api_url, tmp_path_factory):
-    """Two versions of the digits published by the real flow (the second aligned to the first: its ids renamed),
-    the producer's DVC cache then deleted: (producer, cache-less clone in another folder, [(tag, label-set bytes,
-    card)] per version). Whatever is read from the clone comes from the DVC remote, as for another team."""
+def publish_versions(base: Path, runs: list[dict | None], consumer: str) -> tuple[Path, Path, list[tuple]]:
+    """One version per entry of ``runs`` (params overrides) published by the real flow from ``base/producer``, whose
+    DVC cache is then deleted: (producer, cache-less clone at ``base/<consumer>/clone``, [(tag, label-set bytes,
+    card)] per version)."""
     import json
     import shutil
     import subprocess
 
     from flows.full import sela
 
-    base = tmp_path_factory.mktemp("published")
     producer = make_project(base / "producer")
     versions = []
-    for overrides in (None, {"train": {"seed": 1}}):
+    for overrides in runs:
         state = sela(root=str(producer), overrides=overrides, return_state=True)
         assert state.is_completed(), state.message
         card = json.loads((producer / "labels/card.json").read_text())
         versions.append((state.result()["version"]["tag"], (producer / "labels/labels.parquet").read_bytes(), card))
     shutil.rmtree(producer / ".dvc" / "cache")
-    clone = base / "elsewhere" / "clone"
+    clone = base / consumer / "clone"
     subprocess.run(["git", "clone", "-q", str(producer), str(clone)], check=True)
     return producer, clone, versions
+
+
+@pytest.fixture(scope="session")
+def published_digits(prefect_api_url, tmp_path_factory):
+    """Two versions of the digits published by the real flow (the second aligned to the first: its ids renamed),
+    the producer's DVC cache then deleted: (producer, cache-less clone in another folder, [(tag, label-set bytes,
+    card)] per version). Whatever is read from the clone comes from the DVC remote, as for another team."""
+    return publish_versions(tmp_path_factory.mktemp("published"), [None, {"train": {"seed": 1}}], "elsewhere")
 
 
 def published_table(data: bytes):

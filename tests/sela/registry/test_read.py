@@ -4,9 +4,7 @@ The producer runs the real pipeline (Prefect flow ``sela``, tiny training) three
 its DVC cache is then deleted, so everything the consumer gets comes from the DVC remote, as for another team.
 """
 
-import json
 import re
-import shutil
 import subprocess
 import tempfile
 from datetime import UTC, datetime, timedelta
@@ -18,7 +16,7 @@ import pytest
 from sela.labels.card import SUMMARY_METRICS
 from sela.registry.cli import main, run
 from sela.registry.read import RegistryError, diff_versions, list_versions, load_labels, pull_labels, show_card
-from tests.conftest import make_project
+from tests.conftest import publish_versions
 
 # Every test here reads the versions the fixture publishes: three runs of the whole pipeline.
 pytestmark = pytest.mark.slow
@@ -29,19 +27,7 @@ RUNS = [None, {"train": {"seed": 1}}, {"train": {"num_clusters": 12}}]
 @pytest.fixture(scope="module")
 def published(prefect_api_url, tmp_path_factory):
     """(consumer clone path, [(tag, label-set bytes, card)] per version)."""
-    from flows.full import sela
-
-    base = tmp_path_factory.mktemp("registry")
-    producer = make_project(base / "producer")
-    versions = []
-    for overrides in RUNS:
-        state = sela(root=str(producer), overrides=overrides, return_state=True)
-        assert state.is_completed(), state.message
-        card = json.loads((producer / "labels/card.json").read_text())
-        versions.append((state.result()["version"]["tag"], (producer / "labels/labels.parquet").read_bytes(), card))
-    shutil.rmtree(producer / ".dvc" / "cache")
-    clone = base / "consumer" / "clone"
-    subprocess.run(["git", "clone", "-q", str(producer), str(clone)], check=True)
+    _, clone, versions = publish_versions(tmp_path_factory.mktemp("registry"), RUNS, "consumer")
     return clone, versions
 
 
