@@ -258,10 +258,6 @@ def test_train_flow_warns_when_bfloat16_would_be_emulated(prefect_api_url, tmp_p
     assert any("no bfloat16 instructions" in message and "float32" in message for message in warnings)
 
 
-# Known defect, open: the test process dies (SIGABRT/SIGSEGV) inside the transfer stage's loss.backward() while the
-# first flow run makes version 1 (24 PNGs, 3 clusters); the incremental start itself is covered by
-# tests/sela/learn/test_incremental.py. Not run until the crash is understood: a crash would take the suite down.
-@pytest.mark.skip(reason="process aborts in the transfer stage's backward pass on this collection (open defect)")
 @pytest.mark.slow
 def test_a_version_from_its_parent_starts_from_it_and_keeps_its_labels(prefect_api_url, tmp_path):
     from flows.full import sela

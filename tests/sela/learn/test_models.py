@@ -39,3 +39,39 @@ def test_no_hidden_layers_keeps_the_state_dict_of_earlier_checkpoints():
     assert {key for key in build_model("small_cnn", 8, [7], [16]).state_dict() if key.startswith("hidden.")} == {
         "hidden.0.weight", "hidden.1.weight", "hidden.1.bias", "hidden.1.running_mean", "hidden.1.running_var",
         "hidden.1.num_batches_tracked"}
+
+
+def test_the_subsampled_pointwise_convolution_is_a_strided_one():
+    from sela.learn.models import SubsampledPointwise
+
+    torch.manual_seed(0)
+    subsampled, strided = SubsampledPointwise(8, 16, 2), torch.nn.Conv2d(8, 16, 1, stride=2, bias=False)
+    strided.load_state_dict(subsampled.state_dict())  # the same keys as a Conv2d's: saved networks load
+    images = torch.randn(5, 8, 15, 15)
+    mine, theirs = images.clone().requires_grad_(), images.clone().requires_grad_()
+    torch.testing.assert_close(subsampled(mine), strided(theirs))
+    subsampled(mine).square().sum().backward()
+    strided(theirs).square().sum().backward()
+    torch.testing.assert_close(mine.grad, theirs.grad)
+    torch.testing.assert_close(subsampled.weight.grad, strided.weight.grad)
+
+
+# In a child process: the oneDNN defect this guards against aborts the process (heap corruption) rather than raising.
+TRAIN_NARROW_RESNET = """
+import torch
+from sela.learn.models import build_model, model_layout, to_device
+model = to_device(build_model("small_resnet", width=8, head_sizes=[3]), torch.device("cpu")).train()
+for batch in (43, 3, 65):
+    model(model_layout(torch.randn(batch, 3, 16, 16)))[0].logsumexp(1).sum().backward()
+print("trained")
+"""
+
+
+def test_a_narrow_small_resnet_trains_channels_last_on_odd_batches():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    result = subprocess.run([sys.executable, "-c", TRAIN_NARROW_RESNET], capture_output=True, text=True, timeout=120,
+                            cwd=Path(__file__).resolve().parents[3])
+    assert result.returncode == 0 and "trained" in result.stdout, result.stderr[-2000:]
