@@ -112,6 +112,8 @@ def main() -> None:
     parser.add_argument("--overrides", default="{}", help="JSON of params.yaml overrides")
     parser.add_argument("--variants", default='[{}]', help="JSON list of overrides, one incremental version 2 each "
                         "(a few seconds each), e.g. '[{}, {\"train.incremental.relabels\": 0}]'")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="train.seed of each repetition (all three "
+                        "versions); with several, the means over seeds are printed last")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -119,34 +121,41 @@ def main() -> None:
     def log(line: str) -> None:
         print(line, flush=True)
 
-    dataset_overrides = CIFAR_OVERRIDES if args.dataset == "cifar10" else {}
-    params = load_params(ROOT / "params.yaml", {**dataset_overrides, **json.loads(args.overrides)})
-    variants = [load_params(ROOT / "params.yaml", {**dataset_overrides, **json.loads(args.overrides),
-                                                   "train.start_from": "parent", **variant})
-                for variant in json.loads(args.variants)]
-    log("train: " + json.dumps(params.train.model_dump()))
+    dataset_overrides = {**(CIFAR_OVERRIDES if args.dataset == "cifar10" else {}), **json.loads(args.overrides)}
+    results: dict[int, list[dict]] = {number: [] for number in range(len(json.loads(args.variants)))}
     with tempfile.TemporaryDirectory() as temporary:
         folder = Path(temporary)
-        if args.dataset == "digits":
-            old_dir, all_dir = digit_shards(folder, params, args.new_fraction)
-        else:
-            old_dir, all_dir = cifar_shards(folder, params, args.archive, args.cache or folder / "cache", args.old,
-                                            args.new)
-        log("version 1 from scratch (old images)")
-        first = make_version(old_dir, folder / "labels-v1", params, device, None, log)
-        log("version 2 from scratch (all images)")
-        scratch = make_version(all_dir, folder / "scratch-v2", params, device, first, log)
-        versions = []
-        for number, variant in enumerate(variants):
-            log(f"version 2 from version 1 (all images): {json.dumps(variant.train.incremental.model_dump())}")
-            versions.append(make_version(all_dir, folder / f"incremental-v2-{number}", variant, device, first, log))
-    for variant, version in zip(variants, versions, strict=True):
-        log(f"\nincremental: {json.dumps(variant.train.incremental.model_dump())}")
-        report(first, scratch, version, log)
+        for seed in args.seeds:
+            overrides = {**dataset_overrides, "train.seed": seed}
+            params = load_params(ROOT / "params.yaml", overrides)
+            variants = [load_params(ROOT / "params.yaml", {**overrides, "train.start_from": "parent", **variant})
+                        for variant in json.loads(args.variants)]
+            log(f"seed {seed}, train: " + json.dumps(params.train.model_dump()))
+            if args.dataset == "digits":
+                old_dir, all_dir = digit_shards(folder / f"shards-{seed}", params, args.new_fraction)
+            else:
+                old_dir, all_dir = cifar_shards(folder / f"shards-{seed}", params, args.archive,
+                                                args.cache or folder / "cache", args.old, args.new)
+            log("version 1 from scratch (old images)")
+            first = make_version(old_dir, folder / f"labels-v1-{seed}", params, device, None, log)
+            log("version 2 from scratch (all images)")
+            scratch = make_version(all_dir, folder / f"scratch-v2-{seed}", params, device, first, log)
+            for number, variant in enumerate(variants):
+                log(f"version 2 from version 1 (all images): {json.dumps(variant.train.incremental.model_dump())}")
+                version = make_version(all_dir, folder / f"incremental-v2-{seed}-{number}", variant, device, first,
+                                       log)
+                log(f"\nseed {seed}, incremental: {json.dumps(variant.train.incremental.model_dump())}")
+                results[number].append(report(first, scratch, version, log))
+    if len(args.seeds) > 1:
+        for number, rows in results.items():
+            log(f"\nvariant {number}, means over seeds {args.seeds}:")
+            for name in ("time_ratio", "kept", "scratch_kept", "acc_points"):
+                values = [row[name] for row in rows]
+                log(f"  {name:<13}{np.mean(values):8.3f}  (per seed {', '.join(f'{v:.3f}' for v in values)})")
 
 
-def report(first: dict, scratch: dict, incremental_version: dict, log) -> None:
-    """The figures of both versions 2 and the ratios incremental / scratch."""
+def report(first: dict, scratch: dict, incremental_version: dict, log) -> dict[str, float]:
+    """Prints the figures of both versions 2 and the ratios incremental / scratch; returns the ratios."""
     log(f"\nversion 1: {len(first['keys'])} images, {first['epochs']} epochs, ACC {100 * first['metrics']['acc']:.1f}")
     log(f"{'version 2':<14}{'images':>7}{'epochs':>7}{'train s':>9}{'export s':>9}{'total s':>9}{'kept %':>8}"
         f"{'ACC':>7}{'NMI':>7}")
@@ -164,6 +173,7 @@ def report(first: dict, scratch: dict, incremental_version: dict, log) -> None:
     kept = 100 * rows["incremental"]["kept"], 100 * rows["scratch"]["kept"]
     log(f"old images' labels kept: {kept[0]:.1f}% (scratch: {kept[1]:.1f}%; goal >= 95%)")
     log(f"ACC incremental - scratch: {acc_points:+.1f} points (goal within 1)")
+    return {"time_ratio": time_ratio, "kept": kept[0], "scratch_kept": kept[1], "acc_points": acc_points}
 
 
 if __name__ == "__main__":
