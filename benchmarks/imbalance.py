@@ -121,7 +121,7 @@ def evaluate_set(name: str, train_split: LoadedShards, test_split: LoadedShards,
         checkpoint, seconds = self_label(params, shard_dir, scratch / f"{name}-{method}", device, f"{name}/{method}")
         final = export.final_labels(checkpoint.model, torch.from_numpy(train_split.images), params, device,
                                     checkpoint.target_sizes)
-        scored = score(checkpoint.model, final, train_split, test_split, params, device)
+        scored = score(checkpoint.model, final, train_split, test_split, scratch / f"{name}-test", params, device, 0)
         sizes = np.sort(final.target_sizes[final.selected_head])[::-1]
         rows[method] = {**scored["sela rule (test)"], "argmax_acc": scored["sela head (test)"]["acc"],
                         "knn": scored["sela head (test)"]["knn"], "train_acc": scored["sela labels (train)"]["acc"],
