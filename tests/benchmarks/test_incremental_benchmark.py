@@ -1,0 +1,30 @@
+"""benchmarks/incremental.py end to end on the embedded digits with short schedules: it calls the pipeline's
+training, export and incremental start, so a change of their signatures must show here, not in the next run."""
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import PROJECT_ROOT
+
+SHORT = {"train.num_heads": 2, "train.epochs": 3, "train.num_relabels": 2,
+         "train.incremental.epochs": 2, "train.incremental.relabels": 1}
+
+
+@pytest.mark.slow
+def test_the_incremental_benchmark_prints_time_kept_and_acc_for_each_seed_and_their_means():
+    result = subprocess.run(
+        [sys.executable, "benchmarks/incremental.py", "--seeds", "0", "1", "--overrides", json.dumps(SHORT)],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout
+    ratios = [float(value) for value in re.findall(r"^time incremental / scratch: ([0-9.]+)", output, re.MULTILINE)]
+    kept = [float(value) for value in re.findall(r"^old images' labels kept: ([0-9.]+)%", output, re.MULTILINE)]
+    assert len(ratios) == len(kept) == 2 and all(ratio > 0 for ratio in ratios)  # short runs: no goal
+    assert all(0 <= share <= 100 for share in kept)
+    assert len(re.findall(r"^ACC incremental - scratch: [+-][0-9.]+ points", output, re.MULTILINE)) == 2
+    assert "means over seeds [0, 1]" in output
+    assert re.search(r"^version 2 .*\nscratch +1797 +3 .*\nincremental +1797 +2 ", output, re.MULTILINE)
