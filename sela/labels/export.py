@@ -14,9 +14,8 @@ from sela.data.loader import shard_table
 from sela.data.shards import read_manifest
 from sela.labels.align import alignment
 from sela.labels.metrics import cluster_sizes, label_quality
-from sela.learn.inference import compute_logits, solve_heads, stream_logits
+from sela.learn.inference import compute_logits, rule_labels, solve_heads, stream_logits
 from sela.learn.models import MultiHeadNet
-from sela.sinkhorn.solver import assign_labels
 
 
 @dataclass
@@ -101,14 +100,7 @@ def predict_labels(model: MultiHeadNet, images: torch.Tensor, cluster_potentials
     if images.shape[0] == 0:
         return np.zeros((len(cluster_potentials), 0), dtype=np.int64)
     logits = compute_logits(model, images, params.train, device, augmented=False)
-    return rule_labels(logits[: len(cluster_potentials)], cluster_potentials, params)
-
-
-def rule_labels(logits: list[torch.Tensor], cluster_potentials: np.ndarray, params: Params) -> np.ndarray:
-    """``predict_labels`` from logits already computed: one (M, K) tensor per head -> (num_heads, M) int64."""
-    settings = params.train.sinkhorn
-    return np.stack([assign_labels(head.float().cpu().numpy(), settings.sharpness, potential, settings.dtype)
-                     for head, potential in zip(logits, cluster_potentials, strict=True)])
+    return rule_labels(logits[: len(cluster_potentials)], cluster_potentials, params.train.sinkhorn)
 
 
 def label_metrics(final: FinalLabels, ground_truth: list[str | None], num_clusters: int) -> dict[str, Any]:

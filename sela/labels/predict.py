@@ -23,9 +23,8 @@ import torch.nn.functional as functional
 from sela.config import Params, ShardParams
 from sela.data.loader import shard_table
 from sela.data.shards import read_manifest
-from sela.labels.export import rule_labels
 from sela.labels.label_set import label_table
-from sela.learn.inference import logit_batches
+from sela.learn.inference import logit_batches, rule_labels
 from sela.learn.models import MultiHeadNet
 
 # The manifest's columns a prediction carries, to join it with anything else known about the files.
@@ -102,7 +101,7 @@ def predict_shards(model: MultiHeadNet, shard_dir: str | Path, rule: LabelRule, 
     confidence = np.zeros((num_heads, count), dtype=np.float32)
     for rows, logits in logit_batches(model, table, params.train, device, workers, augmented=False, seed=0):
         heads = [torch.from_numpy(head) for head in np.split(logits, np.cumsum(sizes)[:-1], axis=1)[:num_heads]]
-        outputs = rule_labels(heads, rule.cluster_potentials, params)
+        outputs = rule_labels(heads, rule.cluster_potentials, params.train.sinkhorn)
         for head, (head_logits, head_outputs) in enumerate(zip(heads, outputs, strict=True)):
             chosen = torch.from_numpy(head_outputs)[:, None]
             confidence[head, rows] = functional.log_softmax(head_logits, dim=1).gather(1, chosen)[:, 0].exp().numpy()

@@ -30,7 +30,6 @@ import torch
 
 from sela.config import TrainParams
 from sela.learn.train import load_payload
-from sela.sinkhorn.solver import assign_labels
 
 # What the network's weights and the labels' shapes depend on: a parent trained otherwise cannot be started from.
 SHAPE_PARAMS = ("architecture", "width", "hidden_layers", "num_heads", "num_clusters", "overclustering")
@@ -102,7 +101,7 @@ def parent_start(parent: ParentVersion, params: TrainParams, keys: list[str]) ->
     """The payload a run from ``parent`` starts with, for the images ``keys`` (N,) of this run's manifest: as a
     saved checkpoint's (``sela.learn.train.save_checkpoint``) at epoch 0 with no optimiser state, its labels -1
     for new images, plus ``rule_potentials``: one (K_h,) float64 array per head, g of the rule that labels them
-    (``label_new_images``). The history's first entry records the parent and how many images were kept."""
+    (``sela.learn.loop.label_new_images``). The history's first entry records the parent and the images kept."""
     payload = load_payload(parent.checkpoint_path)
     card = json.loads(parent.card_path.read_text())
     check_parent_params(card["params"]["train"], params, parent.tag)
@@ -154,15 +153,6 @@ def rule_potentials(card: dict[str, Any], payload: dict[str, Any], params: Train
             raise ParentMismatchError(f"parent version {tag}: head {head} has no cluster potentials of {size} "
                                       "clusters to label new images with")
     return potentials
-
-
-def rule_labels(logits: np.ndarray, potentials: list[np.ndarray], params: TrainParams) -> np.ndarray:
-    """The label set's rule on joint logits (M, sum of head sizes) -> (num_heads, M) int64, network output order."""
-    columns = np.cumsum([0, *params.head_sizes])
-    settings = params.sinkhorn
-    return np.stack([assign_labels(np.ascontiguousarray(logits[:, columns[h] : columns[h + 1]], dtype=np.float32),
-                                   settings.sharpness, potential, settings.dtype)
-                     for h, potential in enumerate(potentials)]).reshape(len(potentials), len(logits))
 
 
 def parent_of(history: list[dict[str, Any]]) -> str | None:

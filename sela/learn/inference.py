@@ -15,7 +15,7 @@ from sela.config import SinkhornParams, TrainParams
 from sela.data.loader import Batch, ShardTable, pass_loader, plan_pass
 from sela.learn.augment import augment, center
 from sela.learn.models import MultiHeadNet, model_layout, to_device
-from sela.sinkhorn.solver import Communicator, SinkhornResult, sinkhorn_knopp
+from sela.sinkhorn.solver import Communicator, SinkhornResult, assign_labels, sinkhorn_knopp
 
 
 def native_bfloat16(device: torch.device) -> bool:
@@ -33,6 +33,17 @@ def native_bfloat16(device: torch.device) -> bool:
 def autocast(device: torch.device, precision: str) -> torch.autocast:
     """The forward pass under bfloat16 autocast when ``precision`` says so, on any device; else float32."""
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16")
+
+
+def rule_labels(heads: list[Any], cluster_potentials: list[np.ndarray] | np.ndarray,
+                settings: SinkhornParams) -> np.ndarray:
+    """A label set's rule, argmax_k lambda log p_k(x) + g_k, per head: ``heads`` one (M, K_h) array or tensor of
+    logits each, ``cluster_potentials`` one g (K_h,) each -> (num_heads, M) int64, network output order. The export
+    labels new images with it, prediction too, and an incremental run its new images."""
+    return np.stack([assign_labels(head.float().cpu().numpy() if isinstance(head, torch.Tensor) else
+                                   np.ascontiguousarray(head, dtype=np.float32),
+                                   settings.sharpness, potential, settings.dtype)
+                     for head, potential in zip(heads, cluster_potentials, strict=True)]).reshape(len(heads), -1)
 
 
 @torch.no_grad()

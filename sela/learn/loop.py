@@ -29,7 +29,15 @@ from sela.config import TrainParams
 from sela.data.loader import ShardTable, pass_loader, plan_pass, shard_table
 from sela.data.shards import manifest_hash, read_manifest
 from sela.learn import incremental, state
-from sela.learn.inference import autocast, on_device_view, solve_heads, stream_logits, view_transforms
+from sela.learn.inference import (
+    autocast,
+    logit_batches,
+    on_device_view,
+    rule_labels,
+    solve_heads,
+    stream_logits,
+    view_transforms,
+)
 from sela.learn.models import MultiHeadNet, model_layout, to_device
 from sela.learn.train import (
     Checkpoint,
@@ -170,15 +178,17 @@ def _start(run: TrainingRun, params: TrainParams, table: ShardTable, identity: s
 
 def label_new_images(checkpoint: Checkpoint, potentials: list[np.ndarray], table: ShardTable, params: TrainParams,
                      run: TrainingRun, processes: Processes) -> None:
-    """Labels of the images a parent did not have (label -1) by its rule (``incremental.rule_labels``): this rank's
-    share of an un-augmented pass, gathered so that every rank holds all N. No pass when none is new."""
+    """Labels of the images a parent did not have (label -1) by its rule (``inference.rule_labels``): this rank's
+    share of an un-augmented pass, a batch at a time (no logits kept), gathered so that every rank holds all N. No
+    pass when none is new."""
     new = checkpoint.labels < 0
     if not new.any():
         return
-    rows, logits = stream_logits(checkpoint.model, table, params, run.device, run.loader_workers, augmented=False,
-                                 seed=0, rank=processes.rank, world_size=processes.world_size)
     predicted = np.zeros_like(checkpoint.labels)
-    predicted[:, rows] = incremental.rule_labels(logits, potentials, params)
+    columns = np.cumsum(params.head_sizes)[:-1]
+    for rows, logits in logit_batches(checkpoint.model, table, params, run.device, run.loader_workers,
+                                      augmented=False, seed=0, rank=processes.rank, world_size=processes.world_size):
+        predicted[:, rows] = rule_labels(np.split(logits, columns, axis=1), potentials, params.sinkhorn)
     predicted = _all_reduce(torch.from_numpy(predicted), processes).numpy()
     checkpoint.labels[new] = predicted[new]
 
