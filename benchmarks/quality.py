@@ -217,9 +217,7 @@ def score(model: torch.nn.Module, final: export.FinalLabels, train_split: Loaded
           test_dir: Path, params: Params, device: torch.device, loader_workers: int) -> dict[str, dict[str, float]]:
     """The exported label set on train, its head's predictions on test, and kNN on the learned features."""
     head = final.selected_head
-    # Ids as the network numbers them: a label set made here has no parent version to align to.
-    identity = np.tile(np.arange(params.train.num_clusters), (len(final.cluster_potentials), 1))
-    rule = predict.LabelRule(final.cluster_potentials, identity, head)
+    rule = predict.LabelRule.unaligned(final.cluster_potentials, head)  # made here: no parent version to align to
     prediction = predict.predict_shards(model, test_dir, rule, params, device, loader_workers)
     return {
         "sela labels (train)": label_quality(final.labels[head], train_split.ground_truth),

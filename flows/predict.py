@@ -10,12 +10,13 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from sela.registry.read import DEFAULT_PREFIX
 from tasks.predict import fetch_checkpoint, fetch_rule, ingest_source, label_images, work_path, write_predictions
 
 
 # Named "sela" like the pipeline's flow: Prefect names a deployment <flow>/<name>, and this one is sela/predict.
 @flow(name="sela", flow_run_name="predict-{version}")
-def predict(repo: str, source: str, output: str, version: str | int = "latest", prefix: str = "labels",
+def predict(repo: str, source: str, output: str, version: str | int = "latest", prefix: str = DEFAULT_PREFIX,
             device: str | None = None) -> dict[str, Any]:
     """Label the images of ``source`` (folder, archive, glob, list file or URL) with ``version`` of ``repo``; write
     ``output`` (.parquet or .csv) and the quarantined files beside it. ``device``: None for a GPU if there is one."""

@@ -60,11 +60,18 @@ class LabelRule:
             raise ValueError("the card has no cluster_potentials: its version predates them and cannot label new "
                              "images by its rule")
         potentials = np.asarray(card["cluster_potentials"], dtype=np.float64)
-        identity = np.tile(np.arange(potentials.shape[-1]), (len(potentials), 1))
+        selected_head = int(card["metrics"]["selected_head"])
         alignment = card.get("cluster_id_alignment")
-        renaming = identity if alignment is None else np.array(
-            [entry["output_to_label"] for entry in sorted(alignment, key=lambda entry: entry["head"])])
-        return cls(potentials, renaming.astype(np.int64), int(card["metrics"]["selected_head"]))
+        if alignment is None:
+            return cls.unaligned(potentials, selected_head)
+        renaming = np.array([entry["output_to_label"] for entry in sorted(alignment, key=lambda entry: entry["head"])])
+        return cls(potentials, renaming.astype(np.int64), selected_head)
+
+    @classmethod
+    def unaligned(cls, cluster_potentials: np.ndarray, selected_head: int) -> "LabelRule":
+        """A rule publishing ids as the network numbers them (a first version: no parent to align to)."""
+        potentials = np.asarray(cluster_potentials, dtype=np.float64)
+        return cls(potentials, np.tile(np.arange(potentials.shape[-1]), (len(potentials), 1)), selected_head)
 
     @property
     def num_heads(self) -> int:
