@@ -74,17 +74,28 @@ class SinkhornParams(Section):
         description="storage type of the N x K Sinkhorn kernel: float64/float32 on CPU; on a GPU also bfloat16 or "
         "float16 (half the memory, one fused pass an iteration)"
     )
-    cluster_sizes: Literal["equal", "estimated"] = Field(
-        description="target cluster sizes of every relabel: equal (the paper's equipartition, N / K each) or "
-        "estimated (re-estimated before each relabel after the first from the network's argmax counts, with a "
-        "floor; docs/imbalance.md)")
+    cluster_sizes: Literal["equal", "estimated", "given"] = Field(
+        description="target cluster sizes of every relabel: equal (the paper's equipartition, N / K each), "
+        "estimated (re-estimated before each relabel after the warm-up from the network's argmax counts, with a "
+        "floor) or given (the proportions in given_sizes, placed on the clusters by the network's argmax counts "
+        "after the warm-up); docs/imbalance.md")
+    given_sizes: list[PositiveFloat] | None = Field(
+        description="given sizes: the collection's class proportions, num_clusters of them in any order (scaled "
+        "to sum to 1); null with the other methods")
     size_floor: float = Field(gt=0, lt=1, description="estimated sizes: every cluster keeps at least this fraction "
                               "of N / K, so that none dies")
     size_update: float = Field(gt=0, le=1, description="estimated sizes: weight of the network's counts against "
                                "the previous sizes at each relabel (1: the counts alone)")
-    size_warmup: float = Field(ge=0, lt=1, description="estimated sizes: fraction of the epochs trained on equal "
-                               "sizes before the first estimate (an untrained network's counts are arbitrary); the "
-                               "relabel before epoch 0 is always equal")
+    size_warmup: float = Field(ge=0, lt=1, description="estimated and given sizes: fraction of the epochs trained "
+                               "on equal sizes before the network's counts are first used (an untrained network's "
+                               "counts are arbitrary); the relabel before epoch 0 is always equal")
+
+    @model_validator(mode="after")
+    def _given_sizes_with_their_method(self) -> "SinkhornParams":
+        if (self.cluster_sizes == "given") != (self.given_sizes is not None):
+            raise ValueError(f"given_sizes is {self.given_sizes} with cluster_sizes: {self.cluster_sizes}: set the "
+                             "proportions exactly when cluster_sizes is given (null otherwise)")
+        return self
 
 
 class OverclusteringParams(Section):
@@ -170,6 +181,14 @@ class TrainParams(Section):
         if self.decode_size < largest:
             raise ValueError(f"decode_size={self.decode_size} is smaller than image_size={self.image_size} or "
                              f"eval_image_size={self.eval_image_size}: raise it to at least {largest}")
+        return self
+
+    @model_validator(mode="after")
+    def _given_sizes_fit_the_heads(self) -> "TrainParams":
+        given = self.sinkhorn.given_sizes
+        if given is not None and len(given) != self.num_clusters:
+            raise ValueError(f"sinkhorn.given_sizes has {len(given)} proportions but num_clusters is "
+                             f"{self.num_clusters}: give one per cluster")
         return self
 
     @property

@@ -50,7 +50,7 @@ from sela.learn.train import (
     save_checkpoint,
     saved_target_sizes,
 )
-from sela.sinkhorn.sizes import estimate_sizes
+from sela.sinkhorn.sizes import estimate_sizes, ranked_sizes
 from sela.sinkhorn.solver import TorchDistributed
 
 Progress = Callable[[dict[str, Any]], None]
@@ -324,23 +324,28 @@ def relabel(checkpoint: Checkpoint, model: MultiHeadNet, table: ShardTable, para
 
 
 def estimating_sizes(params: TrainParams, epoch: int) -> bool:
-    """Whether the relabel before ``epoch`` re-estimates the target sizes: ``sinkhorn.cluster_sizes: estimated``,
-    never before epoch 1 (an untrained network) nor within the first ``size_warmup`` of the epochs."""
+    """Whether the relabel before ``epoch`` sets the target sizes from the network's counts (``sinkhorn.cluster_sizes``
+    estimated or given), never before epoch 1 (an untrained network) nor within the first ``size_warmup`` of the
+    epochs."""
     settings = params.sinkhorn
-    return settings.cluster_sizes == "estimated" and epoch >= max(1, math.ceil(settings.size_warmup * params.epochs))
+    return settings.cluster_sizes != "equal" and epoch >= max(1, math.ceil(settings.size_warmup * params.epochs))
 
 
 def update_target_sizes(checkpoint: Checkpoint, heads: list[int], head_logits: list[torch.Tensor],
                         params: TrainParams, processes: Processes) -> None:
-    """``sinkhorn.cluster_sizes: estimated``: move each head's target sizes towards the network's argmax counts on
-    this relabel's rows (``sela.sinkhorn.sizes.estimate_sizes``). The counts are summed over ranks (integers, exact),
-    so every rank computes the same sizes."""
+    """Each head's target sizes from the network's argmax counts on this relabel's rows: ``estimated`` moves them
+    towards the counts (``sela.sinkhorn.sizes.estimate_sizes``), ``given`` places the given proportions by the
+    counts' rank (``ranked_sizes``; on the label set's heads: over-clustering heads keep equal sizes). The counts
+    are summed over ranks (integers, exact), so every rank computes the same sizes."""
     settings = params.sinkhorn
     for head, logits in zip(heads, head_logits, strict=True):
+        if settings.cluster_sizes == "given" and head >= params.num_heads:
+            continue
         counts = torch.bincount(logits.argmax(1).cpu(), minlength=params.head_sizes[head])
         counts = _all_reduce(counts, processes).numpy()
-        checkpoint.target_sizes[head] = estimate_sizes(checkpoint.target_sizes[head], counts, settings.size_floor,
-                                                       settings.size_update)
+        checkpoint.target_sizes[head] = (
+            ranked_sizes(np.asarray(settings.given_sizes), counts) if settings.cluster_sizes == "given"
+            else estimate_sizes(checkpoint.target_sizes[head], counts, settings.size_floor, settings.size_update))
 
 
 def fresh_pass(model: MultiHeadNet, table: ShardTable, params: TrainParams, run: TrainingRun, processes: Processes,

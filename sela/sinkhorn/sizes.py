@@ -6,7 +6,9 @@ network itself puts in each cluster (argmax of its logits over the relabel's row
 
     r <- floor_project((1 - update) r + update c / N),   c_k = #{i : argmax_j z_ij = k},
 
-with a floor (every cluster keeps at least ``floor / K``) so that no cluster dies. A network trained on labels of
+with a floor (every cluster keeps at least ``floor / K``) so that no cluster dies. ``given`` sizes are the
+collection's class proportions, known to the user: clusters have no names, so each relabel after the warm-up places
+them by rank, the largest proportion on the cluster the network gives the most images. A network trained on labels of
 sizes r predicts sizes near r wherever it agrees with its labels; the estimate moves where the images pull the
 network away from them (a class cut into two clusters by equipartition, two small classes forced into one). The
 counts are integers summed over processes, so every rank computes the same r; it is stored in the checkpoint, so a
@@ -57,3 +59,18 @@ def estimate_sizes(previous: np.ndarray, counts: np.ndarray, floor: float, updat
     if counts.sum() <= 0 or np.any(counts < 0):
         raise ValueError(f"counts must be non-negative with a positive total, got {counts.tolist()}")
     return floor_project((1 - update) * previous + update * counts / counts.sum(), floor)
+
+
+def ranked_sizes(given: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Given proportions placed on the clusters by rank of the network's argmax counts: the largest proportion to
+    the cluster with the most images, and so on (ties: the lower cluster index first).
+
+    given (K,) positive, in any order; counts (K,) non-negative -> (K,) float64 summing to 1."""
+    given, counts = np.asarray(given, dtype=np.float64), np.asarray(counts, dtype=np.float64)
+    if given.shape != counts.shape or given.ndim != 1:
+        raise ValueError(f"given sizes {given.shape} and counts {counts.shape} must be vectors of the same length")
+    if not np.all(np.isfinite(given) & (given > 0)):
+        raise ValueError(f"given sizes must be positive and finite, got {given.tolist()}")
+    sizes = np.empty_like(given)
+    sizes[np.argsort(-counts, kind="stable")] = np.sort(given / given.sum())[::-1]
+    return sizes

@@ -26,17 +26,21 @@ def write_classes(folder, per_class: int, seed: int) -> None:
 
 
 @pytest.mark.slow
-def test_the_imbalance_benchmark_runs_and_prints_both_methods(tmp_path):
+def test_the_imbalance_benchmark_runs_and_prints_every_method(tmp_path):
     write_classes(tmp_path / "cifar" / "train", 30, 0)
     write_classes(tmp_path / "cifar" / "test", 10, 1)
     result = subprocess.run(
         [sys.executable, "benchmarks/imbalance.py", "--extracted", str(tmp_path / "cifar"), "--sets", "heavy",
-         "--epochs", "2", "--workers", "1", "--overrides", json.dumps({"train.batch_size": 32})],
+         "--epochs", "2", "--workers", "1", "--overrides", json.dumps({"train.batch_size": 32}),
+         "--methods", "equal,estimated,given"],
         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = {line.split(": ", 1)[0]: json.loads(line.split(": ", 1)[1]) for line in result.stdout.splitlines()
-            if line.startswith(("heavy/equal: {", "heavy/estimated: {"))}
-    assert set(rows) == {"heavy/equal", "heavy/estimated"}
+            if line.startswith(("heavy/equal: {", "heavy/estimated: {", "heavy/given: {"))}
+    assert set(rows) == {"heavy/equal", "heavy/estimated", "heavy/given"}
     for row in rows.values():
         assert 0 <= row["acc"] <= 1 and len(row["sizes"]) == 10 and abs(sum(row["sizes"]) - 1) < 1e-3
     assert "heavy: 165 train / 55 test images" in result.stdout
+    # The given run ends on the train subset's class proportions (30 down to 3 images a class).
+    assert rows["heavy/given"]["size_error"] < 1e-3 and rows["heavy/equal"]["size_error"] > 0.2
+    assert "given - equal: ACC" in result.stdout and "estimated - equal: ACC" in result.stdout

@@ -96,3 +96,18 @@ def test_estimated_cluster_sizes_are_accepted_with_their_floor_and_update():
                                            "train.sinkhorn.size_floor": 0.25, "train.sinkhorn.size_update": 1.0}
                             ).train.sinkhorn
     assert (sinkhorn.cluster_sizes, sinkhorn.size_floor, sinkhorn.size_update) == ("estimated", 0.25, 1.0)
+
+
+def test_given_cluster_sizes_need_one_positive_proportion_per_cluster():
+    given = [10 - c for c in range(10)]
+    sinkhorn = parse_params(raw_params(), {"train.sinkhorn.cluster_sizes": "given",
+                                           "train.sinkhorn.given_sizes": given}).train.sinkhorn
+    assert sinkhorn.cluster_sizes == "given" and sinkhorn.given_sizes == given
+    with pytest.raises(ParamsError, match="3 proportions but num_clusters is 10"):
+        parse_params(raw_params(), {"train.sinkhorn.cluster_sizes": "given", "train.sinkhorn.given_sizes": [1, 2, 3]})
+    with pytest.raises(ParamsError, match=r"train\.sinkhorn\.given_sizes"):
+        parse_params(raw_params(), {"train.sinkhorn.cluster_sizes": "given", "train.sinkhorn.given_sizes": [0] * 10})
+    with pytest.raises(ParamsError, match="given_sizes is None with cluster_sizes: given"):
+        parse_params(raw_params(), {"train.sinkhorn.cluster_sizes": "given"})
+    with pytest.raises(ParamsError, match="given_sizes is .* with cluster_sizes: equal"):
+        parse_params(raw_params(), {"train.sinkhorn.given_sizes": given})

@@ -141,6 +141,28 @@ def test_sizes_are_estimated_after_the_warmup_and_never_before_the_first_epoch()
 
     assert schedule(0.0) == list(range(1, 10)) and schedule(0.3) == list(range(3, 10))
     assert not loop.estimating_sizes(small_params(**{"train.epochs": 10}).train, 5)  # equal sizes: never
+    given = small_params(**{"train.sinkhorn.cluster_sizes": "given", "train.sinkhorn.given_sizes": [1] * 10,
+                            "train.sinkhorn.size_warmup": 0.3, "train.epochs": 10}).train
+    assert [epoch for epoch in range(10) if loop.estimating_sizes(given, epoch)] == list(range(3, 10))
+
+
+def test_given_sizes_are_placed_by_the_network_after_the_warmup_on_the_label_heads_only(shards, tmp_path):
+    given = [10.0 - c for c in range(10)]
+    checkpoint, events = run(shards, tmp_path, **{"train.sinkhorn.cluster_sizes": "given",
+                                                  "train.sinkhorn.given_sizes": given,
+                                                  "train.sinkhorn.size_warmup": 0.0, "train.epochs": 2,
+                                                  "train.overclustering.num_heads": 1,
+                                                  "train.overclustering.num_clusters": 20})
+    relabels = [event for event in events if event["kind"] == "relabel"]
+    assert all(head["target_sizes"] == [0.1] * 10 for head in relabels[0]["heads"][:2])  # untrained: equal
+    proportions = np.sort(np.array(given) / sum(given))
+    for head in range(2):
+        sizes = checkpoint.target_sizes[head]
+        np.testing.assert_allclose(np.sort(sizes), proportions)
+        assert relabels[1]["heads"][head]["target_sizes"] == sizes.tolist()
+        balanced = np.bincount(checkpoint.labels[head], minlength=10) / 1797
+        np.testing.assert_allclose(balanced, sizes, atol=0.02)  # the relabel's labels take the given sizes
+    np.testing.assert_array_equal(checkpoint.target_sizes[2], np.full(20, 1 / 20))  # over-clustering: equal
 
 
 @pytest.mark.parametrize("damage", ["zeroed", "truncated"])

@@ -1,10 +1,11 @@
-"""Target cluster sizes beyond equipartition: the floor, the damped re-estimation, and a planted imbalance found."""
+"""Target cluster sizes beyond equipartition: the floor, the damped re-estimation, a planted imbalance found,
+and given proportions placed by rank."""
 
 import numpy as np
 import pytest
 
 from sela.labels.metrics import label_quality
-from sela.sinkhorn.sizes import estimate_sizes, floor_project, uniform_sizes
+from sela.sinkhorn.sizes import estimate_sizes, floor_project, ranked_sizes, uniform_sizes
 from sela.sinkhorn.solver import sinkhorn_knopp
 
 # CIFAR-10's heavy imbalance of the SeLa paper: 0%, 10%, ..., 90% of the ten classes removed.
@@ -73,3 +74,13 @@ def test_estimated_sizes_recover_a_planted_imbalance_that_equipartition_splits()
     estimated_acc, equal_acc = label_quality(estimated.labels, truth)["acc"], label_quality(equal.labels, truth)["acc"]
     assert estimated_acc > 0.8 and estimated_acc > equal_acc + 0.1
     np.testing.assert_allclose(np.bincount(estimated.labels, minlength=10) / len(classes), PLANTED, atol=0.02)
+
+
+def test_given_sizes_go_to_the_clusters_in_the_order_of_the_counts():
+    sizes = ranked_sizes(np.array([1.0, 3.0, 6.0]), np.array([50, 10, 40]))
+    np.testing.assert_allclose(sizes, [0.6, 0.1, 0.3])
+    np.testing.assert_allclose(ranked_sizes(np.array([2.0, 1.0]), np.array([5, 5])), [2 / 3, 1 / 3])  # tie: index
+    with pytest.raises(ValueError, match="positive"):
+        ranked_sizes(np.array([1.0, 0.0]), np.array([1, 1]))
+    with pytest.raises(ValueError, match="same length"):
+        ranked_sizes(np.ones(3), np.ones(2))
