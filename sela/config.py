@@ -93,8 +93,9 @@ class SinkhornParams(Section):
     @model_validator(mode="after")
     def _given_sizes_with_their_method(self) -> "SinkhornParams":
         if (self.cluster_sizes == "given") != (self.given_sizes is not None):
-            raise ValueError(f"given_sizes is {self.given_sizes} with cluster_sizes: {self.cluster_sizes}: set the "
-                             "proportions exactly when cluster_sizes is given (null otherwise)")
+            given = "null" if self.given_sizes is None else self.given_sizes
+            raise ValueError(f"given_sizes is {given} with cluster_sizes: {self.cluster_sizes}: set the proportions "
+                             "exactly when cluster_sizes is given (null otherwise)")
         return self
 
 

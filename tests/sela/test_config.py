@@ -107,7 +107,7 @@ def test_given_cluster_sizes_need_one_positive_proportion_per_cluster():
         parse_params(raw_params(), {"train.sinkhorn.cluster_sizes": "given", "train.sinkhorn.given_sizes": [1, 2, 3]})
     with pytest.raises(ParamsError, match=r"train\.sinkhorn\.given_sizes"):
         parse_params(raw_params(), {"train.sinkhorn.cluster_sizes": "given", "train.sinkhorn.given_sizes": [0] * 10})
-    with pytest.raises(ParamsError, match="given_sizes is None with cluster_sizes: given"):
+    with pytest.raises(ParamsError, match="given_sizes is null with cluster_sizes: given"):
         parse_params(raw_params(), {"train.sinkhorn.cluster_sizes": "given"})
     with pytest.raises(ParamsError, match="given_sizes is .* with cluster_sizes: equal"):
         parse_params(raw_params(), {"train.sinkhorn.given_sizes": given})
