@@ -11,13 +11,15 @@ every class removed (the images dropped are a fixed random choice, seed 0, per c
 - ``heavy``: 0%, 10%, ..., 90% of classes 0-9 (airplane ... truck, in folder order) removed: 5,000 down to 500.
 
 For every set the chosen files are listed in a list file, ingested by the pipeline's own ingest
-(``sela.data.ingest``), and self-labelled by the pipeline's own loop (``sela.learn.loop.run_training``) twice, for a
-fixed number of epochs (``--epochs``: results do not depend on the host's load): ``train.sinkhorn.cluster_sizes:
-equal`` (equipartition) and ``estimated``. Everything else is params.yaml plus ``benchmarks/quality.py``'s CIFAR-10
+(``sela.data.ingest``), and self-labelled by the pipeline's own loop (``sela.learn.loop.run_training``) once per
+method, for a fixed number of epochs (``--epochs``: results do not depend on the host's load):
+``train.sinkhorn.cluster_sizes: equal`` (equipartition) and ``estimated`` by default; ``--methods
+equal,estimated,given`` adds a run told the train subset's true class proportions (``given``), the reference no size
+estimate can beat on sizes. Everything else is params.yaml plus ``benchmarks/quality.py``'s CIFAR-10
 overrides; scoring is ``benchmarks/quality.py``'s: the exported 10-way head on the test subset (ACC/NMI by the label
 set's rule, the argmax's ACC beside it), weighted kNN of test against train features, and raw-pixel k-means on the
 test subset, computed in the same run. The class folders are ground truth for scoring only. Prints one line per
-epoch and a table per set with the difference estimated - equal in points.
+epoch and a table per set with the difference of each method to equal in points.
 """
 
 import argparse
@@ -147,7 +149,7 @@ def print_table(name: str, rows: dict[str, dict[str, float]], num_train: int, nu
                                                for method, values in rows.items() if method in METHODS))
     if "equal" not in rows:
         return
-    for method in ("estimated", "given"):
+    for method in METHODS[1:]:
         if method in rows:
             gain, equal = rows[method], rows["equal"]
             print(f"{method} - equal: ACC {100 * (gain['acc'] - equal['acc']):+.1f}, NMI "
