@@ -74,11 +74,12 @@ class SinkhornParams(Section):
         description="storage type of the N x K Sinkhorn kernel: float64/float32 on CPU; on a GPU also bfloat16 or "
         "float16 (half the memory, one fused pass an iteration)"
     )
-    cluster_sizes: Literal["equal", "estimated", "given"] = Field(
+    cluster_sizes: Literal["equal", "estimated", "given", "relaxed"] = Field(
         description="target cluster sizes of every relabel: equal (the paper's equipartition, N / K each), "
         "estimated (re-estimated before each relabel after the warm-up from the network's argmax counts, with a "
-        "floor) or given (the proportions in given_sizes, placed on the clusters by the network's argmax counts "
-        "after the warm-up); docs/imbalance.md")
+        "floor), given (the proportions in given_sizes, placed on the clusters by the network's argmax counts "
+        "after the warm-up) or relaxed (equal sizes as a KL penalty instead of a constraint after the warm-up: "
+        "unbalanced optimal transport, size_penalty); docs/imbalance.md")
     given_sizes: list[PositiveFloat] | None = Field(
         description="given sizes: the collection's class proportions, num_clusters of them in any order (scaled "
         "to sum to 1); null with the other methods")
@@ -86,9 +87,12 @@ class SinkhornParams(Section):
                               "of N / K, so that none dies")
     size_update: float = Field(gt=0, le=1, description="estimated sizes: weight of the network's counts against "
                                "the previous sizes at each relabel (1: the counts alone)")
-    size_warmup: float = Field(ge=0, lt=1, description="estimated and given sizes: fraction of the epochs trained "
-                               "on equal sizes before the network's counts are first used (an untrained network's "
-                               "counts are arbitrary); the relabel before epoch 0 is always equal")
+    size_penalty: PositiveFloat = Field(description="relaxed sizes: tau, the weight of KL(sizes || equal) against "
+                                        "the cross-entropy of the labels, both in nats per image: sizes move a KL "
+                                        "of d from equal only where that makes the labels tau d nats cheaper")
+    size_warmup: float = Field(ge=0, lt=1, description="estimated, given and relaxed sizes: fraction of the epochs "
+                               "trained on equal sizes before the sizes first follow the network (an untrained "
+                               "network's outputs are arbitrary); the relabel before epoch 0 is always equal")
 
     @model_validator(mode="after")
     def _given_sizes_with_their_method(self) -> "SinkhornParams":
@@ -97,6 +101,11 @@ class SinkhornParams(Section):
             raise ValueError(f"given_sizes is {given} with cluster_sizes: {self.cluster_sizes}: set the proportions "
                              "exactly when cluster_sizes is given (null otherwise)")
         return self
+
+    def relaxation(self) -> float:
+        """rho of the solver (``sinkhorn_knopp``'s ``size_relaxation``) once the sizes follow the collection: with
+        relaxed sizes 1 / (1 + lambda tau), the entropic weight 1 / lambda against the penalty tau; else 0 (hard)."""
+        return 1.0 / (1.0 + self.sharpness * self.size_penalty) if self.cluster_sizes == "relaxed" else 0.0
 
 
 class OverclusteringParams(Section):

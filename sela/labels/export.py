@@ -61,7 +61,8 @@ def final_labels_from_logits(logits: list[torch.Tensor], params: Params, target_
     if len(sizes) != len(logits):
         raise ValueError(f"target sizes for {len(sizes)} heads, but the label set has {len(logits)}: pass the "
                          "checkpoint's target_sizes")
-    results = solve_heads(logits, params.train, [None] * len(logits), target_sizes=sizes)
+    results = solve_heads(logits, params.train, [None] * len(logits), target_sizes=sizes,
+                          size_relaxation=params.train.sinkhorn.relaxation())
     labels = np.stack([result.labels for result in results])
     # Confidence is the network's own probability of the exported label, not the sharpened plan's row maximum
     # (exactly 1.0 for most images once trained): it ranks images, and low values mark the images that balancing

@@ -80,11 +80,12 @@ def compute_logits(
 def solve_heads(
     logits: list[torch.Tensor], params: TrainParams, warm_starts: list[np.ndarray | None],
     communicator: Communicator | None = None, target_sizes: list[np.ndarray] | None = None,
+    size_relaxation: float = 0.0,
 ) -> list[SinkhornResult]:
     """Sinkhorn on each head's logits (N, K_h): with CuPy on the logits' GPU (zero-copy DLPack), numpy on CPU.
 
     ``target_sizes``: each head's cluster sizes r (K_h,) summing to 1 (``Checkpoint.target_sizes``); None is
-    equipartition for every head.
+    equipartition for every head. ``size_relaxation``: rho of the solver (0: hard sizes; ``sela.sinkhorn.solver``).
 
     With a ``communicator`` (``TorchDistributed``) the logits are this process's rows of a solve sharded by rows
     over the process group: one all-reduce an iteration, every process ends with the same cluster potentials.
@@ -94,7 +95,7 @@ def solve_heads(
     """
     sizes = target_sizes if target_sizes is not None else [None] * len(logits)
     if not logits or not logits[0].is_cuda:
-        return [_solve(head.detach().cpu().numpy(), params.sinkhorn, warm, communicator, size)
+        return [_solve(head.detach().cpu().numpy(), params.sinkhorn, warm, communicator, size, size_relaxation)
                 for head, warm, size in zip(logits, warm_starts, sizes, strict=True)]
     import cupy  # a CUDA device without CuPy is a broken install: fail loudly, never fall back silently
 
@@ -103,8 +104,9 @@ def solve_heads(
     with cupy.cuda.Device(logits[0].device.index):  # CuPy allocates and launches on its *current* device
         for head, warm, size in zip(logits, warm_starts, sizes, strict=True):
             result = _solve(cupy.from_dlpack(head.detach()), params.sinkhorn,
-                            None if warm is None else cupy.asarray(warm), communicator, size)
+                            None if warm is None else cupy.asarray(warm), communicator, size, size_relaxation)
             result.labels = cupy.asnumpy(result.labels)
+            result.cluster_sizes = cupy.asnumpy(result.cluster_sizes)
             result.log_cluster_potential = cupy.asnumpy(result.log_cluster_potential)
             results.append(result)
         cupy.get_default_memory_pool().free_all_blocks()  # give the stored kernels' memory back to torch
@@ -112,7 +114,7 @@ def solve_heads(
 
 
 def _solve(array: Any, settings: SinkhornParams, warm: Any, communicator: Communicator | None,
-           target_sizes: np.ndarray | None) -> SinkhornResult:
+           target_sizes: np.ndarray | None, size_relaxation: float) -> SinkhornResult:
     """``sinkhorn_knopp`` with the configured settings, on whichever array namespace ``array`` belongs to."""
     return sinkhorn_knopp(
         array,
@@ -124,6 +126,7 @@ def _solve(array: Any, settings: SinkhornParams, warm: Any, communicator: Commun
         warm_start=warm,
         communicator=communicator,
         target_sizes=target_sizes,
+        size_relaxation=size_relaxation,
     )
 
 

@@ -306,7 +306,8 @@ def relabel(checkpoint: Checkpoint, model: MultiHeadNet, table: ShardTable, para
     if estimating_sizes(params, checkpoint.epoch):
         update_target_sizes(checkpoint, heads, head_logits, params, processes)
     results = solve_heads(head_logits, params, [checkpoint.cluster_potentials[h] for h in heads], communicator,
-                          [checkpoint.target_sizes[h] for h in heads])
+                          [checkpoint.target_sizes[h] for h in heads],
+                          params.sinkhorn.relaxation() if past_size_warmup(params, checkpoint.epoch) else 0.0)
     per_head = []
     for head, result in zip(heads, results, strict=True):
         labels = np.zeros(table.num_images, dtype=np.int64)
@@ -317,7 +318,8 @@ def relabel(checkpoint: Checkpoint, model: MultiHeadNet, table: ShardTable, para
         checkpoint.cluster_potentials[head] = np.asarray(result.log_cluster_potential)
         sizes = np.bincount(labels, minlength=params.head_sizes[head])
         per_head.append({"head": head, **result.diagnostics(), "changed": changed, "min_size": int(sizes.min()),
-                         "max_size": int(sizes.max()), "target_sizes": checkpoint.target_sizes[head].tolist()})
+                         "max_size": int(sizes.max()), "target_sizes": checkpoint.target_sizes[head].tolist(),
+                         "plan_sizes": np.asarray(result.cluster_sizes).round(5).tolist()})
     summary = {"epoch": checkpoint.epoch, "source": source, "heads": per_head}
     checkpoint.history.append({"kind": "relabel", **summary})
     return summary
@@ -325,10 +327,14 @@ def relabel(checkpoint: Checkpoint, model: MultiHeadNet, table: ShardTable, para
 
 def estimating_sizes(params: TrainParams, epoch: int) -> bool:
     """Whether the relabel before ``epoch`` sets the target sizes from the network's counts (``sinkhorn.cluster_sizes``
-    estimated or given), never before epoch 1 (an untrained network) nor within the first ``size_warmup`` of the
-    epochs."""
-    settings = params.sinkhorn
-    return settings.cluster_sizes != "equal" and epoch >= max(1, math.ceil(settings.size_warmup * params.epochs))
+    estimated or given): only after the warm-up (``past_size_warmup``)."""
+    return params.sinkhorn.cluster_sizes in ("estimated", "given") and past_size_warmup(params, epoch)
+
+
+def past_size_warmup(params: TrainParams, epoch: int) -> bool:
+    """Whether the relabel before ``epoch`` may leave equal sizes: never before epoch 1 (an untrained network's
+    outputs are arbitrary) nor within the first ``size_warmup`` of the epochs."""
+    return epoch >= max(1, math.ceil(params.sinkhorn.size_warmup * params.epochs))
 
 
 def update_target_sizes(checkpoint: Checkpoint, heads: list[int], head_logits: list[torch.Tensor],

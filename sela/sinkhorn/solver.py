@@ -6,6 +6,12 @@ images), then label each image with argmax_k Q[i, k]. The paper's equipartition 
 non-uniform target r (a K-vector on the simplex, ``target_sizes``) serves collections whose clusters are not
 equally large (``sela.sinkhorn.sizes``).
 
+Relaxed sizes (``size_relaxation`` rho in (0, 1)) replace the hard column constraint by a KL penalty (unbalanced
+optimal transport, Chizat et al. 2018): rows still sum to 1/N, and the column update becomes
+v = (N r / column sums)^(1 - rho), so that at the solution every cluster's size is c_k = N r_k exp(-rho / (1 - rho)
+g_k) (g the returned log cluster potential): the plan gives a cluster more images than N r_k where the images pull
+towards it (g_k < 0), anchored to r by a penalty that grows as rho falls. rho = 0 is the hard constraint.
+
 P^lambda underflows in float32 (and even float64 for confident networks), so the solver works with the
 log-kernel ``S = lambda * (z - max_k z)`` (z the logits: a row constant is absorbed by the row scaling) and
 Schmitzer's stabilised scaling iterations. Log-potentials f (N), g (K) stay in float64; the stored kernel is
@@ -58,7 +64,8 @@ class SinkhornResult:
 
     labels: (N,) int64, argmax per row of the transport plan.
     column_marginal_error: max_k |column_sum_k / r_k - 1| of the returned plan (computed exactly from the logits;
-        K column_sum_k - 1 under equipartition).
+        K column_sum_k - 1 under equipartition; with relaxed sizes, how far the sizes moved from r by design).
+    cluster_sizes: (K,) float64, the returned plan's column sums (fractions of the images, summing to 1).
     log_cluster_potential: (K,) float64, g + log v: pass back as ``warm_start`` to the next relabel.
     Arrays live on the input's device (numpy or CuPy).
     """
@@ -71,6 +78,7 @@ class SinkhornResult:
     stabilisations: int
     rollbacks: int = 0
     column_marginal_error: float = field(default=float("nan"))
+    cluster_sizes: Any = None
 
     def diagnostics(self) -> dict[str, float | int | bool]:
         """Small JSON-friendly summary for logs and artifacts."""
@@ -238,9 +246,10 @@ def _row_normalised_build(
     return log_image, column
 
 
-def _log_column_update(scores: ScoreBlocks, log_image: Any, log_target: Any, communicator: Communicator) -> Any:
-    """g_k = log(N r_k) - logsumexp_i(S_ik + f_i) over all shards (two reductions); ``log_target`` (K,) is
-    log(N r). Returns (K,) float64."""
+def _log_column_update(scores: ScoreBlocks, log_image: Any, log_target: Any, communicator: Communicator,
+                       exponent: float) -> Any:
+    """g_k = e (log(N r_k) - logsumexp_i(S_ik + f_i)) over all shards (two reductions); ``log_target`` (K,) is
+    log(N r), ``exponent`` e is 1 - rho (1: hard sizes). Returns (K,) float64."""
     xp = scores.xp
     num_clusters = scores.logits.shape[1]
     peaks, sums = [], []
@@ -261,7 +270,7 @@ def _log_column_update(scores: ScoreBlocks, log_image: Any, log_target: Any, com
         chunk_peak = xp.where(xp.isfinite(chunk_peak), chunk_peak, 0.0)
         total += part * xp.exp(chunk_peak - safe_peak)  # rescale each chunk's sum to the global peak
     total = communicator.all_reduce_sum(total)
-    return log_target - (safe_peak + xp.log(total))
+    return exponent * (log_target - (safe_peak + xp.log(total)))
 
 
 def _labels_and_marginals(scores: ScoreBlocks, log_cluster: Any) -> tuple[Any, Any]:
@@ -294,13 +303,23 @@ def _out_of_range(xp: Any, scaling: Any, bound: float) -> Any:
     return xp.sum(~(xp.isfinite(scaling) & (scaling < bound) & (scaling > 1.0 / bound)))
 
 
+def _column_scaling(xp: Any, target: Any, column: Any, log_cluster: Any, exponent: float) -> Any:
+    """The column update v (K,) from this iterate's column sums u^T E (K,): N r / column under hard sizes; with
+    relaxed ones the KL-penalised update (N r e^g / column)^e / e^g, e = 1 - rho (the full scaling e^g v is what
+    the penalty acts on; g is folded into E). An empty column gives inf: out of range, so the step stabilises."""
+    with np.errstate(divide="ignore", over="ignore"):
+        if exponent == 1.0:
+            return target / column
+        return (target / column) ** exponent * xp.exp((exponent - 1.0) * log_cluster)
+
+
 def _log_domain_step(
     scores: ScoreBlocks, kernel: StoredKernel, log_image: Any, log_target: Any, communicator: Communicator,
-    flush_subnormals: bool,
+    flush_subnormals: bool, exponent: float,
 ) -> tuple[Any, Any, Any]:
     """One exact iteration in the log domain (stabilisation): the last in-range scalings are already folded into
     ``log_image``; column update, then the row-normalised rebuild of E. Returns f (N,), g (K,), global column sums."""
-    log_cluster = _log_column_update(scores, log_image, log_target, communicator)
+    log_cluster = _log_column_update(scores, log_image, log_target, communicator, exponent)
     log_image, column = _row_normalised_build(scores, kernel, log_cluster, flush_subnormals)
     return log_image, log_cluster, communicator.all_reduce_sum(column)
 
@@ -321,11 +340,14 @@ def sinkhorn_knopp(
     memory_available: int | None = None,
     range_checks: RangeChecks | None = None,
     target_sizes: Any | None = None,
+    size_relaxation: float = 0.0,
 ) -> SinkhornResult:
     """Optimal transport of P^lambda, P = softmax(logits), to cluster sizes r. (N, K) logits -> labels (N,).
 
     ``target_sizes``: r (K,), positive and summing to 1 (cluster k gets N r_k images: the column sums of Q); None
-    is equipartition, r_k = 1/K. It must be the same on every process of a sharded solve.
+    is equipartition, r_k = 1/K. It must be the same on every process of a sharded solve. ``size_relaxation``
+    rho in [0, 1): 0 holds the columns to N r exactly; above 0 the sizes may move from r where the images pull
+    (module docstring), and every relabel starts again from r, so they cannot drift over many relabels.
 
     Stopping rules (checked after iterations 1, 1 + ``check_every``, 1 + 2 ``check_every``, ... as in the paper's
     code):
@@ -334,6 +356,8 @@ def sinkhorn_knopp(
       lambda 25 on a confident network it is not met within thousands of iterations (docs/sinkhorn.md, stopping rule).
     - ``marginal``: max_k |column_sum_k / r_k - 1| < tolerance (independent of N): every cluster's size within
       ``tolerance`` of its target N r_k, relatively (N / K under equipartition). params.yaml's default (0.01).
+      With relaxed sizes the same number generalised, max_k |v_k / v'_k - 1| (v' the next column update): how
+      far the columns are from the sizes the penalty settles them at.
     Non-finite values never count as convergence: the solver stabilises instead, and raises if it cannot.
     ``storage``: type of the stored kernel E (float64/float32 on CPU; float64/float32/float16/bfloat16 on CuPy,
     float16 and bfloat16 through the fused CUDA kernel). ``warm_start``: a previous result's
@@ -354,6 +378,9 @@ def sinkhorn_knopp(
     local_rows, num_clusters = logits.shape
     num_rows = int(communicator.all_reduce_sum(xp.asarray([float(local_rows)]))[0])
     _check_inputs(xp, logits, num_rows, check_every, warm_start)
+    if not 0 <= size_relaxation < 1:
+        raise ValueError(f"size_relaxation must lie in [0, 1) (0: hard sizes), got {size_relaxation}")
+    exponent = 1.0 - size_relaxation
     sizes = _target_sizes(target_sizes, num_clusters)
     block_dtype = score_dtype(storage)
     chunk_rows = min(chunk_rows or default_chunk_rows(xp, num_clusters, block_dtype.itemsize), max(local_rows, 1))
@@ -380,8 +407,7 @@ def sinkhorn_knopp(
         # Iterations 1, 11, 21, ...: the paper's schedule; and the last, so that no iterate is returned unchecked.
         checking = iteration % check_every == 1 % check_every or iteration == max_iterations
         official_check = checking and stop_rule == "official"
-        with np.errstate(divide="ignore"):  # an empty column gives inf: out of range, so the step stabilises
-            v_next = target / column
+        v_next = _column_scaling(xp, target, column, g, exponent)
         # A careful iteration tests v before the pass (v is identical on every rank): a pass over an out-of-range
         # v would only be thrown away.
         accepted = not careful or bool(_out_of_range(xp, v_next, stability_bound) == 0)
@@ -410,7 +436,8 @@ def sinkhorn_knopp(
             continue
         else:
             log_image_before = f + xp.log(u)
-            f, g, column = _log_domain_step(scores, kernel, log_image_before, log_target, communicator, flush)
+            f, g, column = _log_domain_step(scores, kernel, log_image_before, log_target, communicator, flush,
+                                            exponent)
             u, v = xp.ones_like(u), xp.ones_like(v)
             stabilisations += 1
             verified, careful = (iteration, u, v, column), checks_every_iteration
@@ -421,7 +448,8 @@ def sinkhorn_knopp(
         if stop_rule == "official":
             error = float(xp.squeeze(official_error))
         else:
-            error = float(xp.max(xp.abs(column * v / target - 1.0)))
+            with np.errstate(divide="ignore", invalid="ignore"):
+                error = float(xp.max(xp.abs(v / _column_scaling(xp, target, column, g, exponent) - 1.0)))
         if not np.isfinite(error):
             raise FloatingPointError(f"Sinkhorn diverged at iteration {iteration}: stopping error is {error}")
         if error < tolerance:
@@ -439,6 +467,7 @@ def sinkhorn_knopp(
         stabilisations=stabilisations,
         rollbacks=rollbacks,
         column_marginal_error=float(xp.max(xp.abs(plan_column / target - 1.0))),
+        cluster_sizes=plan_column / num_rows,
     )
 
 

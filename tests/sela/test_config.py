@@ -38,7 +38,8 @@ def test_missing_key_is_named():
     [("train.num_clusters", -3), ("train.augment.flip_probability", 1.5), ("train.sinkhorn.dtype", "float8"),
      ("train.sinkhorn.cluster_sizes", "uniform"), ("train.sinkhorn.size_floor", 0.0),
      ("train.sinkhorn.size_floor", 1.0), ("train.sinkhorn.size_update", 0.0), ("train.sinkhorn.size_update", 1.5),
-     ("train.sinkhorn.size_warmup", 1.0), ("train.sinkhorn.size_warmup", -0.1)],
+     ("train.sinkhorn.size_warmup", 1.0), ("train.sinkhorn.size_warmup", -0.1),
+     ("train.sinkhorn.size_penalty", 0.0)],
 )
 def test_bad_override_is_named(key, value):
     with pytest.raises(ParamsError, match=key.replace(".", r"\.")):
@@ -96,6 +97,13 @@ def test_estimated_cluster_sizes_are_accepted_with_their_floor_and_update():
                                            "train.sinkhorn.size_floor": 0.25, "train.sinkhorn.size_update": 1.0}
                             ).train.sinkhorn
     assert (sinkhorn.cluster_sizes, sinkhorn.size_floor, sinkhorn.size_update) == ("estimated", 0.25, 1.0)
+
+
+def test_the_relaxation_reaches_the_solver_only_with_relaxed_sizes():
+    changes = {"train.sinkhorn.sharpness": 25, "train.sinkhorn.size_penalty": 0.36}
+    relaxed = parse_params(raw_params(), {**changes, "train.sinkhorn.cluster_sizes": "relaxed"}).train.sinkhorn
+    estimated = parse_params(raw_params(), {**changes, "train.sinkhorn.cluster_sizes": "estimated"}).train.sinkhorn
+    assert (relaxed.relaxation(), estimated.relaxation()) == (pytest.approx(0.1), 0.0)  # 1 / (1 + 25 x 0.36)
 
 
 def test_given_cluster_sizes_need_one_positive_proportion_per_cluster():

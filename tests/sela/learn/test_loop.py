@@ -8,7 +8,7 @@ import torch
 
 from sela.config import load_params
 from sela.data.loader import ShardReadError
-from sela.data.shards import read_manifest, write_shards
+from sela.data.shards import read_manifest, read_shards, write_shards
 from sela.data.sources import iter_digit_samples
 from sela.labels import export
 from sela.learn import loop, train
@@ -133,6 +133,25 @@ def test_estimated_sizes_follow_the_network_after_the_first_relabel_keep_the_flo
     np.testing.assert_array_equal(np.stack(loaded.target_sizes), np.stack(checkpoint.target_sizes))
 
 
+def test_relaxed_sizes_leave_equal_after_the_warmup_and_the_export_solves_the_same_problem(shards, tmp_path):
+    checkpoint, events = run(shards, tmp_path, **{"train.sinkhorn.cluster_sizes": "relaxed",
+                                                  "train.sinkhorn.size_penalty": 0.36,
+                                                  "train.sinkhorn.size_warmup": 0.0, "train.epochs": 2})
+    relabels = [event for event in events if event["kind"] == "relabel"]
+    for head in relabels[0]["heads"]:  # the untrained network: equal sizes, a hard constraint
+        np.testing.assert_allclose(head["plan_sizes"], 0.1, rtol=0.011)
+    for head, event in zip(range(2), relabels[1]["heads"], strict=True):
+        assert event["converged"] and event["target_sizes"] == [0.1] * 10  # the anchor stays equal
+        assert sum(event["plan_sizes"]) == pytest.approx(1.0, abs=1e-4) and np.ptp(event["plan_sizes"]) > 0.02
+        np.testing.assert_array_equal(checkpoint.target_sizes[head], np.full(10, 0.1))
+    params = small_params(**{"train.sinkhorn.cluster_sizes": "relaxed"})
+    images = torch.from_numpy(read_shards(shards, params.train.decode_size).images)
+    relaxed = export.final_labels(checkpoint.model, images, params, torch.device("cpu"), checkpoint.target_sizes)
+    hard = export.final_labels(checkpoint.model, images, small_params(), torch.device("cpu"), checkpoint.target_sizes)
+    relaxed_sizes, hard_sizes = (np.bincount(final.labels[0], minlength=10) for final in (relaxed, hard))
+    assert np.ptp(hard_sizes) <= 0.03 * 1797 < np.ptp(relaxed_sizes)
+
+
 def test_sizes_are_estimated_after_the_warmup_and_never_before_the_first_epoch():
     def schedule(warmup):
         params = small_params(**{"train.sinkhorn.cluster_sizes": "estimated", "train.sinkhorn.size_warmup": warmup,
@@ -141,6 +160,9 @@ def test_sizes_are_estimated_after_the_warmup_and_never_before_the_first_epoch()
 
     assert schedule(0.0) == list(range(1, 10)) and schedule(0.3) == list(range(3, 10))
     assert not loop.estimating_sizes(small_params(**{"train.epochs": 10}).train, 5)  # equal sizes: never
+    relaxed = small_params(**{"train.sinkhorn.cluster_sizes": "relaxed", "train.epochs": 10}).train
+    assert not any(loop.estimating_sizes(relaxed, epoch) for epoch in range(10))  # no targets to estimate
+    assert [epoch for epoch in range(10) if loop.past_size_warmup(relaxed, epoch)] == list(range(3, 10))
     given = small_params(**{"train.sinkhorn.cluster_sizes": "given", "train.sinkhorn.given_sizes": [1] * 10,
                             "train.sinkhorn.size_warmup": 0.3, "train.epochs": 10}).train
     assert [epoch for epoch in range(10) if loop.estimating_sizes(given, epoch)] == list(range(3, 10))
