@@ -29,6 +29,7 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -112,11 +113,11 @@ def self_label(params: Params, shard_dir: Path, state_dir: Path, device: torch.d
 
 
 def evaluate_set(name: str, train_split: LoadedShards, test_split: LoadedShards, shard_dir: Path, scratch: Path,
-                 base: Params, device: torch.device, methods: list[str]) -> dict[str, dict[str, float]]:
+                 base: Params, device: torch.device, methods: list[str]) -> dict[str, Any]:
     """k-means on the test subset's pixels, then each method trained and scored. Returns rows of the table."""
-    rows = {"k-means pixels": baselines(train_split, test_split, base)["k-means pixels"]}
     truth = np.bincount([CLASSES.index(label) for label in train_split.ground_truth], minlength=10)
     truth = np.sort(truth / truth.sum())[::-1]
+    rows = {"k-means pixels": baselines(train_split, test_split, base)["k-means pixels"], "classes": truth.tolist()}
     for method in methods:
         # ``given``: the train subset's own class proportions, the sizes no estimate can improve on.
         sinkhorn = {"cluster_sizes": method, "given_sizes": truth.tolist() if method == "given" else None}
@@ -136,18 +137,20 @@ def evaluate_set(name: str, train_split: LoadedShards, test_split: LoadedShards,
     return rows
 
 
-def print_table(name: str, rows: dict[str, dict[str, float]], num_train: int, num_test: int) -> None:
+def print_table(name: str, rows: dict[str, Any], num_train: int, num_test: int) -> None:
     print(f"\n{name}: {num_train} train / {num_test} test images")
     print(f"{'':<16}{'ACC':>7}{'NMI':>7}{'argmax':>8}{'kNN':>7}{'train ACC':>10}{'size err':>10}{'min':>6}")
     for method, values in rows.items():
+        if method == "classes":
+            continue
         cells = "".join(f"{100 * values[key]:>{width}.1f}" if key in values else f"{'-':>{width}}"
                         for key, width in (("acc", 7), ("nmi", 7), ("argmax_acc", 8), ("knn", 7), ("train_acc", 10),
                                            ("size_error", 10)))
         minutes = f"{values['minutes']:>6.1f}" if "minutes" in values else f"{'-':>6}"
         print(f"{method:<16}{cells}{minutes}")
     kmeans = rows["k-means pixels"]
-    print("ACC against k-means: " + ", ".join(f"{method} {values['acc'] / kmeans['acc']:.2f}x"
-                                               for method, values in rows.items() if method in METHODS))
+    print("ACC against k-means: " + ", ".join(f"{method} {rows[method]['acc'] / kmeans['acc']:.2f}x"
+                                               for method in METHODS if method in rows))
     if "equal" not in rows:
         return
     for method in METHODS[1:]:
@@ -155,6 +158,30 @@ def print_table(name: str, rows: dict[str, dict[str, float]], num_train: int, nu
             gain, equal = rows[method], rows["equal"]
             print(f"{method} - equal: ACC {100 * (gain['acc'] - equal['acc']):+.1f}, NMI "
                   f"{100 * (gain['nmi'] - equal['nmi']):+.1f}, kNN {100 * (gain['knn'] - equal['knn']):+.1f} points")
+
+
+def size_figure(tables: dict[str, tuple[dict[str, Any], int, int]], path: Path) -> None:
+    """PNG of every set's cluster sizes, sorted, one bar group per method, the classes' proportions as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on a benchmark host
+    from matplotlib import pyplot
+
+    figure, panels = pyplot.subplots(1, len(tables), figsize=(5 * len(tables), 3.2), squeeze=False)
+    for axes, (name, (rows, num_train, _)) in zip(panels[0], tables.items(), strict=True):
+        methods = [method for method in METHODS if method in rows]
+        width = 0.8 / len(methods)
+        for offset, method in enumerate(methods):
+            positions = np.arange(10) + (offset - (len(methods) - 1) / 2) * width
+            axes.bar(positions, rows[method]["sizes"], width, label=f"{method} (ACC {100 * rows[method]['acc']:.1f})")
+        axes.step(np.arange(11) - 0.5, [*rows["classes"], rows["classes"][-1]], where="post", color="black",
+                  label="classes")
+        axes.set(title=f"{name} ({num_train:,} images)", xlabel="cluster, largest first", ylabel="share of images",
+                 xticks=range(10))
+        axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100, metadata={"Software": None})
+    pyplot.close(figure)
 
 
 def main() -> None:
@@ -167,6 +194,7 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="keep this fraction of every class (quick runs)")
     parser.add_argument("--workers", type=int, default=2, help="ingest processes")
     parser.add_argument("--overrides", default="{}", help="JSON of params.yaml overrides on top of the CIFAR ones")
+    parser.add_argument("--figure", type=Path, help="write a PNG of every set's cluster sizes against its classes")
     parser.add_argument("--methods", default="equal,relaxed",
                         help="cluster_sizes of the runs; add 'given' for a run told the train subset's true class "
                         "proportions (the reference no size estimate can beat on sizes)")
@@ -199,6 +227,9 @@ def main() -> None:
           "exported train labels and the train subset's class proportions (both sorted)")
     for name, (rows, num_train, num_test) in tables.items():
         print_table(name, rows, num_train, num_test)
+    if args.figure:
+        size_figure(tables, args.figure)
+        print(f"cluster sizes: {args.figure}")
 
 
 if __name__ == "__main__":
