@@ -52,7 +52,8 @@ def label_card(params: Params, final: FinalLabels, metrics: dict[str, Any], hist
         "sinkhorn": final.diagnostics,
         # With the checkpoint, labels new images as this set labels its own (sela.labels.export.predict_labels).
         "cluster_potentials": np.asarray(final.cluster_potentials).tolist(),
-        # The cluster sizes (fractions of N, network output order) each head was balanced to.
+        # The cluster sizes (fractions of N, network output order) each head was balanced to; with relaxed sizes
+        # the penalty's anchor (equal), the sizes reached being metrics.cluster_sizes.
         "target_sizes": np.asarray(final.target_sizes).tolist(),
     }
 
