@@ -11,6 +11,7 @@ from PIL import Image
 
 from tests.conftest import PROJECT_ROOT
 
+METHODS = ("equal", "relaxed", "estimated", "given")
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
@@ -32,15 +33,18 @@ def test_the_imbalance_benchmark_runs_and_prints_every_method(tmp_path):
     result = subprocess.run(
         [sys.executable, "benchmarks/imbalance.py", "--extracted", str(tmp_path / "cifar"), "--sets", "heavy",
          "--epochs", "2", "--workers", "1", "--overrides", json.dumps({"train.batch_size": 32}),
-         "--methods", "equal,estimated,given"],
+         "--methods", "equal,relaxed,estimated,given", "--figure", str(tmp_path / "sizes.png")],
         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = {line.split(": ", 1)[0]: json.loads(line.split(": ", 1)[1]) for line in result.stdout.splitlines()
-            if line.startswith(("heavy/equal: {", "heavy/estimated: {", "heavy/given: {"))}
-    assert set(rows) == {"heavy/equal", "heavy/estimated", "heavy/given"}
+            if line.startswith(tuple(f"heavy/{method}: {{" for method in METHODS))}
+    assert set(rows) == {f"heavy/{method}" for method in METHODS}
     for row in rows.values():
         assert 0 <= row["acc"] <= 1 and len(row["sizes"]) == 10 and abs(sum(row["sizes"]) - 1) < 1e-3
     assert "heavy: 165 train / 55 test images" in result.stdout
-    # The given run ends on the train subset's class proportions (30 down to 3 images a class).
-    assert rows["heavy/given"]["size_error"] < 1e-3 and rows["heavy/equal"]["size_error"] > 0.2
-    assert "given - equal: ACC" in result.stdout and "estimated - equal: ACC" in result.stdout
+    # Size error: the exported labels' sizes against the train subset's classes (30 down to 3 images a class).
+    classes = np.arange(30, 0, -3) / 165
+    for row in rows.values():
+        assert row["size_error"] == pytest.approx(np.abs(np.array(row["sizes"]) - classes).sum() / 2, abs=1e-3)
+    assert all(f"{method} - equal: ACC" in result.stdout for method in METHODS[1:])
+    assert (tmp_path / "sizes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
