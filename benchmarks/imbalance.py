@@ -40,6 +40,7 @@ from sela.config import Params, load_params  # noqa: E402
 from sela.data.ingest import ingest  # noqa: E402
 from sela.data.shards import LoadedShards, read_shards  # noqa: E402
 from sela.labels import export  # noqa: E402
+from sela.labels.metrics import cluster_sizes  # noqa: E402
 from sela.learn.loop import TrainingRun, run_training  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -112,12 +113,17 @@ def self_label(params: Params, shard_dir: Path, state_dir: Path, device: torch.d
     return checkpoint, time.perf_counter() - started
 
 
+def class_proportions(split: LoadedShards) -> np.ndarray:
+    """The split's share of images per class, sorted, largest first. (10,) float64."""
+    counts = np.bincount([CLASSES.index(label) for label in split.ground_truth], minlength=10)
+    return np.sort(counts / counts.sum())[::-1]
+
+
 def evaluate_set(name: str, train_split: LoadedShards, test_split: LoadedShards, shard_dir: Path, scratch: Path,
-                 base: Params, device: torch.device, methods: list[str]) -> dict[str, Any]:
+                 base: Params, device: torch.device, methods: list[str]) -> dict[str, dict[str, Any]]:
     """k-means on the test subset's pixels, then each method trained and scored. Returns rows of the table."""
-    truth = np.bincount([CLASSES.index(label) for label in train_split.ground_truth], minlength=10)
-    truth = np.sort(truth / truth.sum())[::-1]
-    rows = {"k-means pixels": baselines(train_split, test_split, base)["k-means pixels"], "classes": truth.tolist()}
+    truth = class_proportions(train_split)
+    rows = {"k-means pixels": baselines(train_split, test_split, base)["k-means pixels"]}
     for method in methods:
         # ``given``: the train subset's own class proportions, the sizes no estimate can improve on.
         sinkhorn = {"cluster_sizes": method, "given_sizes": truth.tolist() if method == "given" else None}
@@ -128,7 +134,7 @@ def evaluate_set(name: str, train_split: LoadedShards, test_split: LoadedShards,
                                     checkpoint.target_sizes)
         scored = score(checkpoint.model, final, train_split, test_split, scratch / f"{name}-test", params, device, 0)
         # The sizes the exported labels have (relaxed sizes are the plan's, not a target).
-        sizes = np.sort(np.bincount(final.labels[final.selected_head], minlength=10) / len(train_split))[::-1]
+        sizes = np.sort(cluster_sizes(final.labels[final.selected_head], 10))[::-1] / len(train_split)
         rows[method] = {**scored["sela rule (test)"], "argmax_acc": scored["sela head (test)"]["acc"],
                         "knn": scored["sela head (test)"]["knn"], "train_acc": scored["sela labels (train)"]["acc"],
                         "size_error": float(np.abs(sizes - truth).sum() / 2), "minutes": seconds / 60,
@@ -137,12 +143,10 @@ def evaluate_set(name: str, train_split: LoadedShards, test_split: LoadedShards,
     return rows
 
 
-def print_table(name: str, rows: dict[str, Any], num_train: int, num_test: int) -> None:
+def print_table(name: str, rows: dict[str, dict[str, Any]], num_train: int, num_test: int) -> None:
     print(f"\n{name}: {num_train} train / {num_test} test images")
     print(f"{'':<16}{'ACC':>7}{'NMI':>7}{'argmax':>8}{'kNN':>7}{'train ACC':>10}{'size err':>10}{'min':>6}")
     for method, values in rows.items():
-        if method == "classes":
-            continue
         cells = "".join(f"{100 * values[key]:>{width}.1f}" if key in values else f"{'-':>{width}}"
                         for key, width in (("acc", 7), ("nmi", 7), ("argmax_acc", 8), ("knn", 7), ("train_acc", 10),
                                            ("size_error", 10)))
@@ -160,22 +164,22 @@ def print_table(name: str, rows: dict[str, Any], num_train: int, num_test: int) 
                   f"{100 * (gain['nmi'] - equal['nmi']):+.1f}, kNN {100 * (gain['knn'] - equal['knn']):+.1f} points")
 
 
-def size_figure(tables: dict[str, tuple[dict[str, Any], int, int]], path: Path) -> None:
-    """PNG of every set's cluster sizes, sorted, one bar group per method, the classes' proportions as a line."""
+def size_figure(tables: dict[str, tuple[dict[str, dict[str, Any]], np.ndarray, int]], path: Path) -> None:
+    """PNG of every set's cluster sizes, sorted, one bar group per method, the classes' proportions as a line.
+    ``tables``: set name -> (rows of ``evaluate_set``, ``class_proportions`` of its train split, train images)."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on a benchmark host
     from matplotlib import pyplot
 
     figure, panels = pyplot.subplots(1, len(tables), figsize=(5 * len(tables), 3.2), squeeze=False)
-    for axes, (name, (rows, num_train, _)) in zip(panels[0], tables.items(), strict=True):
+    for axes, (name, (rows, classes, num_train)) in zip(panels[0], tables.items(), strict=True):
         methods = [method for method in METHODS if method in rows]
         width = 0.8 / len(methods)
         for offset, method in enumerate(methods):
             positions = np.arange(10) + (offset - (len(methods) - 1) / 2) * width
             axes.bar(positions, rows[method]["sizes"], width, label=f"{method} (ACC {100 * rows[method]['acc']:.1f})")
-        axes.step(np.arange(11) - 0.5, [*rows["classes"], rows["classes"][-1]], where="post", color="black",
-                  label="classes")
+        axes.step(np.arange(11) - 0.5, [*classes, classes[-1]], where="post", color="black", label="classes")
         axes.set(title=f"{name} ({num_train:,} images)", xlabel="cluster, largest first", ylabel="share of images",
                  xticks=range(10))
         axes.legend(fontsize=7)
@@ -220,15 +224,16 @@ def main() -> None:
                   f"({time.perf_counter() - began:.0f}s)", flush=True)
             rows = evaluate_set(name, loaded["train"], loaded["test"], scratch / f"{name}-train", scratch, base,
                                 device, methods)
-            tables[name] = (rows, len(loaded["train"]), len(loaded["test"]))
+            tables[name] = (rows, class_proportions(loaded["train"]), len(loaded["train"]), len(loaded["test"]))
     print(f"\n{args.epochs} epochs a run, {torch.get_num_threads()} CPU threads, "
           f"{(time.perf_counter() - started) / 60:.1f} min in all. ACC/NMI: the 10-way head on the test subset by "
           "the label set's rule; argmax: its plain argmax; size err: half the L1 distance between the sizes of the "
           "exported train labels and the train subset's class proportions (both sorted)")
-    for name, (rows, num_train, num_test) in tables.items():
+    for name, (rows, _, num_train, num_test) in tables.items():
         print_table(name, rows, num_train, num_test)
     if args.figure:
-        size_figure(tables, args.figure)
+        size_figure({name: (rows, classes, num_train) for name, (rows, classes, num_train, _) in tables.items()},
+                    args.figure)
         print(f"cluster sizes: {args.figure}")
 
 
