@@ -41,6 +41,7 @@ from sela.data.ingest import ingest  # noqa: E402
 from sela.data.shards import LoadedShards, read_shards  # noqa: E402
 from sela.labels import export  # noqa: E402
 from sela.labels.metrics import cluster_sizes  # noqa: E402
+from sela.labels.report import figure_png  # noqa: E402
 from sela.learn.loop import TrainingRun, run_training  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -167,25 +168,20 @@ def print_table(name: str, rows: dict[str, dict[str, Any]], num_train: int, num_
 def size_figure(tables: dict[str, tuple[dict[str, dict[str, Any]], np.ndarray, int]], path: Path) -> None:
     """PNG of every set's cluster sizes, sorted, one bar group per method, the classes' proportions as a line.
     ``tables``: set name -> (rows of ``evaluate_set``, ``class_proportions`` of its train split, train images)."""
-    import matplotlib
+    def draw(panels: Any) -> None:
+        for axes, (name, (rows, classes, num_train)) in zip(np.atleast_1d(panels), tables.items(), strict=True):
+            methods = [method for method in METHODS if method in rows]
+            width = 0.8 / len(methods)
+            for offset, method in enumerate(methods):
+                positions = np.arange(10) + (offset - (len(methods) - 1) / 2) * width
+                axes.bar(positions, rows[method]["sizes"], width,
+                         label=f"{method} (ACC {100 * rows[method]['acc']:.1f})")
+            axes.step(np.arange(11) - 0.5, [*classes, classes[-1]], where="post", color="black", label="classes")
+            axes.set(title=f"{name} ({num_train:,} images)", xlabel="cluster, largest first",
+                     ylabel="share of images", xticks=range(10))
+            axes.legend(fontsize=7)
 
-    matplotlib.use("Agg")  # no display on a benchmark host
-    from matplotlib import pyplot
-
-    figure, panels = pyplot.subplots(1, len(tables), figsize=(5 * len(tables), 3.2), squeeze=False)
-    for axes, (name, (rows, classes, num_train)) in zip(panels[0], tables.items(), strict=True):
-        methods = [method for method in METHODS if method in rows]
-        width = 0.8 / len(methods)
-        for offset, method in enumerate(methods):
-            positions = np.arange(10) + (offset - (len(methods) - 1) / 2) * width
-            axes.bar(positions, rows[method]["sizes"], width, label=f"{method} (ACC {100 * rows[method]['acc']:.1f})")
-        axes.step(np.arange(11) - 0.5, [*classes, classes[-1]], where="post", color="black", label="classes")
-        axes.set(title=f"{name} ({num_train:,} images)", xlabel="cluster, largest first", ylabel="share of images",
-                 xticks=range(10))
-        axes.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100, metadata={"Software": None})
-    pyplot.close(figure)
+    path.write_bytes(figure_png(draw, (5 * len(tables), 3.2), panels=len(tables)))
 
 
 def main() -> None:

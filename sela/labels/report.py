@@ -62,14 +62,16 @@ def overview(images: np.ndarray, labels: np.ndarray, confidence: np.ndarray, num
     return canvas
 
 
-def _figure_png(draw: Any, size: tuple[float, float]) -> bytes:
+def figure_png(draw: Any, size: tuple[float, float], panels: int = 1) -> bytes:
+    """PNG bytes of a matplotlib figure of ``size`` inches at 100 dpi: ``draw`` gets its axes, one (panels = 1) or
+    a row of ``panels``. The same input gives the same bytes."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display here or on CI; must precede pyplot
     from matplotlib import pyplot
 
-    figure, axes = pyplot.subplots(figsize=size, dpi=100)
-    draw(axes)
+    figure, axes = pyplot.subplots(1, panels, figsize=size, dpi=100, squeeze=False)
+    draw(axes[0, 0] if panels == 1 else axes[0])
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", metadata={"Software": None})  # no version stamp: same input, same bytes
@@ -85,7 +87,7 @@ def cluster_size_chart(sizes: list[int]) -> bytes:
         axes.set(xlabel="cluster", ylabel="images", title="Cluster sizes")
         axes.legend()
 
-    return _figure_png(draw, (8, 3))
+    return figure_png(draw, (8, 3))
 
 
 def confidence_chart(histogram: dict[str, list[float]]) -> bytes:
@@ -95,7 +97,7 @@ def confidence_chart(histogram: dict[str, list[float]]) -> bytes:
         axes.bar(edges[:-1], histogram["counts"], width=np.diff(edges), align="edge", color="#55a868")
         axes.set(xlabel="confidence", ylabel="images", title="Label confidence", xlim=(0, 1))
 
-    return _figure_png(draw, (5, 3))
+    return figure_png(draw, (5, 3))
 
 
 def agreement_chart(matrix: list[list[float]]) -> bytes:
@@ -108,7 +110,7 @@ def agreement_chart(matrix: list[list[float]]) -> bytes:
         axes.set(xlabel="head", ylabel="head", title="Agreement between heads", xticks=heads, yticks=heads)
         axes.figure.colorbar(image, ax=axes)
 
-    return _figure_png(draw, (4, 3.4))
+    return figure_png(draw, (4, 3.4))
 
 
 def label_set_charts(sizes: list[int], histogram: dict[str, list[float]],
