@@ -8,6 +8,9 @@ import sys
 
 import pytest
 
+from benchmarks.incremental import digit_shards
+from sela.config import load_params
+from sela.data.shards import read_manifest
 from tests.conftest import PROJECT_ROOT
 
 SHORT = {"train.num_heads": 2, "train.epochs": 3, "train.num_relabels": 2,
@@ -28,3 +31,17 @@ def test_the_incremental_benchmark_prints_time_kept_and_acc_for_each_seed_and_th
     assert len(re.findall(r"^ACC incremental - scratch: [+-][0-9.]+ points", output, re.MULTILINE)) == 2
     assert "means over seeds [0, 1]" in output
     assert re.search(r"^version 2 .*\nscratch +1797 +3 .*\nincremental +1797 +2 ", output, re.MULTILINE)
+
+
+def test_the_choice_of_new_images_follows_its_seed(tmp_path):
+    params = load_params(PROJECT_ROOT / "params.yaml")
+
+    def old_keys(name: str, choice_seed: int) -> set[str]:
+        old, everything = digit_shards(tmp_path / name, params, 0.1, choice_seed)
+        keys = set(read_manifest(old)["key"])
+        assert keys < set(read_manifest(everything)["key"]) and len(read_manifest(everything)) == 1797
+        return keys
+
+    first, again, other = old_keys("a", 0), old_keys("b", 0), old_keys("c", 1)
+    assert len(first) == len(other) == 1617
+    assert first == again and first != other
