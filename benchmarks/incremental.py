@@ -5,9 +5,9 @@
 
 1. Shards of the old images and of all images (old + new, in their original order): the embedded digits, or a
    random choice from CIFAR-10's train split (ingested with the pipeline's ingest; ``--cache`` keeps it). Which
-   images are new is a random choice seeded by the repetition's seed (``--choice-seed`` fixes it): on digits one
-   fixed choice of 10% gave weak version 1 draws in 22 of 48 runs, another in 1 of 10 (docs/incremental.md), so a
-   mean over seeds measures the collection as much as the method unless the choice varies too.
+   images are new is a random choice seeded by the repetition's seed (``--choice-seed`` fixes it): how often
+   version 1 is a weak draw depends on which images it holds (docs/incremental.md), so a mean over seeds varies
+   the choice as well as the training.
 2. Version 1 from scratch on the old images, exported as the export stage exports (``sela.learn.loop`` and
    ``sela.labels.export``): its checkpoint, label set and card are what a published version holds.
 3. Version 2 on all images twice, timed: from scratch, and from version 1 (``train.start_from: parent``). Each is
