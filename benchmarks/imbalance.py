@@ -1,7 +1,8 @@
-"""Cluster sizes beyond equipartition on imbalanced CIFAR-10: equal against relaxed sizes, same run.
+"""Cluster sizes beyond equipartition on imbalanced CIFAR-10 and digits: equal against relaxed sizes, same run.
 
     flock /tmp/sela-cpu.lock python benchmarks/imbalance.py --epochs 25            # 2 CPU cores: about 30 min idle
     python benchmarks/imbalance.py --epochs 2 --scale 0.05                          # a smoke run: about 2 min
+    python benchmarks/imbalance.py --collection digits --sets full,heavy            # params.yaml's 90 epochs: 5 min
 
 The SeLa paper's three train sets of its imbalance study, each scored on the test split with the same fractions of
 every class removed (the images dropped are a fixed random choice, seed 0, per class and split):
@@ -10,15 +11,20 @@ every class removed (the images dropped are a fixed random choice, seed 0, per c
 - ``light``: half of class ``truck`` removed;
 - ``heavy``: 0%, 10%, ..., 90% of classes 0-9 (airplane ... truck, in folder order) removed: 5,000 down to 500.
 
-For every set the chosen files are listed in a list file, ingested by the pipeline's own ingest
-(``sela.data.ingest``), and self-labelled by the pipeline's own loop (``sela.learn.loop.run_training``) once per
-method, for a fixed number of epochs (``--epochs``: results do not depend on the host's load):
-``train.sinkhorn.cluster_sizes: equal`` (equipartition) and ``relaxed`` (unbalanced transport) by default; ``--methods
-equal,relaxed,estimated,given`` adds the sizes estimated from the network's counts and a run told the train subset's
-true class proportions (``given``), the reference no size estimate can beat on sizes. Everything else is params.yaml
-plus ``benchmarks/quality.py``'s CIFAR-10 overrides; scoring is ``benchmarks/quality.py``'s: the exported 10-way head
-on the test subset (ACC/NMI by the label set's rule, the argmax's ACC beside it), weighted kNN of test against train
-features, and raw-pixel k-means on the test subset, computed in the same run. The class folders are ground truth for
+``--collection digits`` applies the same fractions to the embedded digits (classes 0-9), split once into a train
+part and a held-out quarter per class (seed 0): a collection whose clusters, at params.yaml's recipe, are its
+classes, where CIFAR-10's on 2 CPU cores are not. Its runs take params.yaml as it is (90 epochs).
+
+For every CIFAR-10 set the chosen files are listed in a list file, ingested by the pipeline's own ingest
+(``sela.data.ingest``); digits are written as shards directly, as ``benchmarks/incremental.py`` does. Each set is
+self-labelled by the pipeline's own loop (``sela.learn.loop.run_training``) once per method, for a fixed number of
+epochs (``--epochs``: results do not depend on the host's load): ``train.sinkhorn.cluster_sizes: equal``
+(equipartition) and ``relaxed`` (unbalanced transport) by default; ``--methods equal,relaxed,estimated,given`` adds
+the sizes estimated from the network's counts and a run told the train subset's true class proportions (``given``),
+the reference no size estimate can beat on sizes. Everything else is params.yaml (CIFAR-10: plus
+``benchmarks/quality.py``'s CIFAR-10 overrides); scoring is ``benchmarks/quality.py``'s: the exported 10-way head on
+the test subset (ACC/NMI by the label set's rule, the argmax's ACC beside it), weighted kNN of test against train
+features, and raw-pixel k-means on the test subset, computed in the same run. The classes are ground truth for
 scoring only. Prints one line per epoch and a table per set with the difference of each method to equal in points.
 """
 
@@ -38,7 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.quality import CIFAR_OVERRIDES, baselines, score  # noqa: E402
 from sela.config import Params, load_params  # noqa: E402
 from sela.data.ingest import ingest  # noqa: E402
-from sela.data.shards import LoadedShards, read_shards  # noqa: E402
+from sela.data.shards import LoadedShards, read_shards, write_shards  # noqa: E402
+from sela.data.sources import iter_digit_samples  # noqa: E402
 from sela.labels import export  # noqa: E402
 from sela.labels.metrics import cluster_sizes  # noqa: E402
 from sela.labels.report import figure_png  # noqa: E402
@@ -49,6 +56,7 @@ CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 # Fraction of each class removed, in CLASSES order (the paper's study).
 REMOVED = {"full": [0.0] * 10, "light": [0.0] * 9 + [0.5], "heavy": [c / 10 for c in range(10)]}
 METHODS = ("equal", "relaxed", "estimated", "given")
+DIGITS_TEST_SHARE = 0.25  # digits have no test split: a quarter of every class is held out once (seed 0)
 
 
 def extracted(dataset: Path, folder: Path, split: str) -> Path:
@@ -100,6 +108,26 @@ def ingest_files(files: list[Path], shard_dir: Path, params: Params, workers: in
     return loaded
 
 
+def digit_splits(removed: list[float], folder: Path, params: Params) -> dict[str, LoadedShards]:
+    """The embedded digits as ``folder-train`` and ``folder-test`` shards: every class split once into a held-out
+    quarter and the rest (seed 0), then ``removed[c]`` of each part of class c dropped (the first rows of the same
+    random order are kept, so the sets are nested). Returns both splits decoded at ``train.decode_size``."""
+    samples = list(iter_digit_samples(params.shard.image_size))
+    truth = np.array([int(sample.ground_truth) for sample in samples])
+    rows: dict[str, list[int]] = {"train": [], "test": []}
+    for digit, fraction in enumerate(removed):
+        order = np.flatnonzero(truth == digit)[np.random.default_rng(digit).permutation(np.sum(truth == digit))]
+        held_out = round(len(order) * DIGITS_TEST_SHARE)
+        for split, part in (("test", order[:held_out]), ("train", order[held_out:])):
+            rows[split] += part[: round(len(part) * (1 - fraction))].tolist()
+    loaded = {}
+    for split, chosen in rows.items():
+        shard_dir = folder.parent / f"{folder.name}-{split}"
+        write_shards((samples[row] for row in sorted(chosen)), shard_dir, params.shard.samples_per_shard)
+        loaded[split] = read_shards(shard_dir, params.train.decode_size)
+    return loaded
+
+
 def self_label(params: Params, shard_dir: Path, state_dir: Path, device: torch.device, name: str):
     """The pipeline's loop for ``train.epochs`` epochs; logs one line an epoch. Returns (checkpoint, seconds)."""
     started = time.perf_counter()
@@ -116,8 +144,8 @@ def self_label(params: Params, shard_dir: Path, state_dir: Path, device: torch.d
 
 def class_proportions(split: LoadedShards) -> np.ndarray:
     """The split's share of images per class, sorted, largest first. (10,) float64."""
-    counts = np.bincount([CLASSES.index(label) for label in split.ground_truth], minlength=10)
-    return np.sort(counts / counts.sum())[::-1]
+    counts = np.unique(split.ground_truth, return_counts=True)[1]
+    return np.sort(np.pad(counts, (0, 10 - len(counts))) / counts.sum())[::-1]
 
 
 def evaluate_set(name: str, train_split: LoadedShards, test_split: LoadedShards, shard_dir: Path, scratch: Path,
@@ -186,7 +214,9 @@ def size_figure(tables: dict[str, tuple[dict[str, dict[str, Any]], np.ndarray, i
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=25, help="epochs of every run (fixed: not a time budget)")
+    parser.add_argument("--collection", choices=["cifar10", "digits"], default="cifar10")
+    parser.add_argument("--epochs", type=int, help="epochs of every run (fixed: not a time budget); default 25 for "
+                        "CIFAR-10, params.yaml's for digits")
     parser.add_argument("--dataset", type=Path, default=ROOT.parent / "shared" / "datasets" / "cifar10")
     parser.add_argument("--extracted", type=Path, default=Path("/tmp/cifar"),
                         help="folder with train/ and test/ JPEGs (extracted from --dataset once if absent)")
@@ -203,25 +233,33 @@ def main() -> None:
     if unknown := set(methods) - set(METHODS):
         parser.error(f"unknown methods {sorted(unknown)}: choose from {', '.join(METHODS)}")
     device = torch.device("cpu")
-    base = load_params(ROOT / "params.yaml", {**CIFAR_OVERRIDES, "train.epochs": args.epochs,
+    cifar = args.collection == "cifar10"
+    if not cifar and args.scale != 1:
+        parser.error("--scale thins CIFAR-10's sets; the digits sets are small enough to run whole")
+    epochs = args.epochs or (25 if cifar else None)
+    base = load_params(ROOT / "params.yaml", {**(CIFAR_OVERRIDES if cifar else {}),
+                                              **({"train.epochs": epochs} if epochs else {}),
                                               **json.loads(args.overrides)})
     print("train: " + json.dumps(base.train.model_dump()), flush=True)
     started = time.perf_counter()
-    splits = {split: extracted(args.dataset, args.extracted, split) for split in ("train", "test")}
+    splits = {split: extracted(args.dataset, args.extracted, split) for split in ("train", "test")} if cifar else {}
     tables = {}
     with tempfile.TemporaryDirectory() as temporary:
         scratch = Path(temporary)
         for name in args.sets.split(","):
             began = time.perf_counter()
-            loaded = {split: ingest_files(scaled(chosen_files(folder, REMOVED[name]), args.scale),
-                                          scratch / f"{name}-{split}", base, args.workers)
-                      for split, folder in splits.items()}
-            print(f"{name}: {len(loaded['train'])} train, {len(loaded['test'])} test images ingested "
+            if cifar:
+                loaded = {split: ingest_files(scaled(chosen_files(folder, REMOVED[name]), args.scale),
+                                              scratch / f"{name}-{split}", base, args.workers)
+                          for split, folder in splits.items()}
+            else:
+                loaded = digit_splits(REMOVED[name], scratch / name, base)
+            print(f"{name}: {len(loaded['train'])} train, {len(loaded['test'])} test images ready "
                   f"({time.perf_counter() - began:.0f}s)", flush=True)
             rows = evaluate_set(name, loaded["train"], loaded["test"], scratch / f"{name}-train", scratch, base,
                                 device, methods)
             tables[name] = (rows, class_proportions(loaded["train"]), len(loaded["train"]), len(loaded["test"]))
-    print(f"\n{args.epochs} epochs a run, {torch.get_num_threads()} CPU threads, "
+    print(f"\n{args.collection}, {base.train.epochs} epochs a run, {torch.get_num_threads()} CPU threads, "
           f"{(time.perf_counter() - started) / 60:.1f} min in all. ACC/NMI: the 10-way head on the test subset by "
           "the label set's rule; argmax: its plain argmax; size err: half the L1 distance between the sizes of the "
           "exported train labels and the train subset's class proportions (both sorted)")

@@ -48,3 +48,25 @@ def test_the_imbalance_benchmark_runs_and_prints_every_method(tmp_path):
         assert row["size_error"] == pytest.approx(np.abs(np.array(row["sizes"]) - classes).sum() / 2, abs=1e-3)
     assert all(f"{method} - equal: ACC" in result.stdout for method in METHODS[1:])
     assert (tmp_path / "sizes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_the_digits_sets_hold_out_a_quarter_and_remove_the_papers_fractions(tmp_path):
+    # Digits: 178-183 images a class, a quarter held out, then 0%, 10%, ..., 90% of each part removed.
+    result = subprocess.run(
+        [sys.executable, "benchmarks/imbalance.py", "--collection", "digits", "--sets", "full,heavy", "--epochs", "4",
+         "--methods", "equal,given"],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "full: 1347 train / 450 test images" in result.stdout
+    assert "heavy: 741 train / 247 test images" in result.stdout
+    rows = {line.split(": ", 1)[0]: json.loads(line.split(": ", 1)[1]) for line in result.stdout.splitlines()
+            if line.startswith(tuple(f"{name}/{method}: {{" for name in ("full", "heavy") for method in METHODS))}
+    # Told the heavy set's class proportions, the labels take them (135 down to 14 of 741 images a class).
+    assert rows["heavy/given"]["size_error"] < 0.05 < 0.15 < rows["heavy/equal"]["size_error"]
+    assert rows["heavy/given"]["sizes"][0] > 0.15 > 0.12 > rows["heavy/equal"]["sizes"][0]
+    assert rows["full/given"]["size_error"] < 0.05  # balanced classes: given sizes are equal sizes
+    assert "digits, 4 epochs a run" in result.stdout
+    scale = subprocess.run([sys.executable, "benchmarks/imbalance.py", "--collection", "digits", "--scale", "0.5"],
+                           cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+    assert scale.returncode == 2 and "--scale thins CIFAR-10's sets" in scale.stderr
