@@ -160,7 +160,8 @@ def test_sizes_are_estimated_after_the_warmup_and_never_before_the_first_epoch()
 
     assert schedule(0.0) == list(range(1, 10)) and schedule(0.3) == list(range(3, 10))
     assert not loop.estimating_sizes(small_params(**{"train.epochs": 10}).train, 5)  # equal sizes: never
-    relaxed = small_params(**{"train.sinkhorn.cluster_sizes": "relaxed", "train.epochs": 10}).train
+    relaxed = small_params(**{"train.sinkhorn.cluster_sizes": "relaxed", "train.sinkhorn.size_warmup": 0.3,
+                              "train.epochs": 10}).train
     assert not any(loop.estimating_sizes(relaxed, epoch) for epoch in range(10))  # no targets to estimate
     assert [epoch for epoch in range(10) if loop.past_size_warmup(relaxed, epoch)] == list(range(3, 10))
     given = small_params(**{"train.sinkhorn.cluster_sizes": "given", "train.sinkhorn.given_sizes": [1] * 10,
