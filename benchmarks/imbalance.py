@@ -12,8 +12,8 @@ every class removed (the images dropped are a fixed random choice, seed 0, per c
 - ``heavy``: 0%, 10%, ..., 90% of classes 0-9 (airplane ... truck, in folder order) removed: 5,000 down to 500.
 
 ``--collection digits`` applies the same fractions to the embedded digits (classes 0-9), split once into a train
-part and a held-out quarter per class (seed 0): a collection whose clusters, at params.yaml's recipe, are its
-classes, where CIFAR-10's on 2 CPU cores are not. Its runs take params.yaml as it is (90 epochs).
+part and a held-out quarter per class (a fixed random order): a collection whose clusters, at params.yaml's recipe,
+are its classes, where CIFAR-10's on 2 CPU cores are not. Its runs take params.yaml as it is (90 epochs).
 
 For every CIFAR-10 set the chosen files are listed in a list file, ingested by the pipeline's own ingest
 (``sela.data.ingest``); digits are written as shards directly, as ``benchmarks/incremental.py`` does. Each set is
@@ -56,7 +56,7 @@ CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 # Fraction of each class removed, in CLASSES order (the paper's study).
 REMOVED = {"full": [0.0] * 10, "light": [0.0] * 9 + [0.5], "heavy": [c / 10 for c in range(10)]}
 METHODS = ("equal", "relaxed", "estimated", "given")
-DIGITS_TEST_SHARE = 0.25  # digits have no test split: a quarter of every class is held out once (seed 0)
+DIGITS_TEST_SHARE = 0.25  # digits have no test split: a quarter of every class is held out once (fixed order)
 
 
 def extracted(dataset: Path, folder: Path, split: str) -> Path:
@@ -110,8 +110,9 @@ def ingest_files(files: list[Path], shard_dir: Path, params: Params, workers: in
 
 def digit_splits(removed: list[float], folder: Path, params: Params) -> dict[str, LoadedShards]:
     """The embedded digits as ``folder-train`` and ``folder-test`` shards: every class split once into a held-out
-    quarter and the rest (seed 0), then ``removed[c]`` of each part of class c dropped (the first rows of the same
-    random order are kept, so the sets are nested). Returns both splits decoded at ``train.decode_size``."""
+    quarter and the rest (a random order seeded by the digit), then ``removed[c]`` of each part of class c dropped
+    (the first rows of that order are kept, so the sets are nested). Returns both splits decoded at
+    ``train.decode_size``."""
     samples = list(iter_digit_samples(params.shard.image_size))
     truth = np.array([int(sample.ground_truth) for sample in samples])
     rows: dict[str, list[int]] = {"train": [], "test": []}
