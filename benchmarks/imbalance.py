@@ -117,7 +117,7 @@ def digit_splits(removed: list[float], folder: Path, params: Params) -> dict[str
     truth = np.array([int(sample.ground_truth) for sample in samples])
     rows: dict[str, list[int]] = {"train": [], "test": []}
     for digit, fraction in enumerate(removed):
-        order = np.flatnonzero(truth == digit)[np.random.default_rng(digit).permutation(np.sum(truth == digit))]
+        order = np.random.default_rng(digit).permutation(np.flatnonzero(truth == digit))
         held_out = round(len(order) * DIGITS_TEST_SHARE)
         for split, part in (("test", order[:held_out]), ("train", order[held_out:])):
             rows[split] += part[: round(len(part) * (1 - fraction))].tolist()
