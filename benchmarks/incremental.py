@@ -76,7 +76,7 @@ def make_version(shard_dir: Path, folder: Path, params: Params, device: torch.de
     began = time.perf_counter()
     parent_files = None if parent is None else parent["files"]
     def progress(event: dict) -> None:
-        if event["kind"] in ("start", "done"):
+        if event["kind"] in ("start", "done", "chosen"):
             log(f"  {event}")
 
     run = TrainingRun(str(shard_dir), folder / "checkpoint.pt", folder / "state", device, 0, progress,

@@ -39,7 +39,8 @@ from sela.learn import train  # noqa: E402
 from sela.learn.loop import TrainingRun, run_training  # noqa: E402
 
 # The CPU recipe of benchmarks/quality.py (params.yaml plus its CIFAR-10 overrides).
-CIFAR = {"train.augment.flip_probability": 0.5, "train.batch_size": 128, "train.learning_rate": 0.05}
+CIFAR = {"train.augment.flip_probability": 0.5, "train.batch_size": 128, "train.learning_rate": 0.05,
+         "train.initialisations": 1}  # speeds and memory of one run
 
 
 def cifar_shards(archive: Path, folder: Path) -> Path:

@@ -137,6 +137,10 @@ class TrainParams(Section):
     """Stage ``train``: network, optimiser and relabel schedule."""
 
     seed: int
+    initialisations: PositiveInt = Field(
+        le=16, description="independent runs from scratch, run i from seed + 10000 i; the one whose label set has "
+        "the lowest SeLa objective is kept (k-means' n_init). Run 0 is the run of initialisations: 1. A start from a "
+        "parent is one run whatever this says")
     architecture: Literal["small_cnn", "small_resnet", "resnet18"]
     width: PositiveInt
     decode_size: PositiveInt = Field(

@@ -162,22 +162,35 @@ def train(root: str, params: TrainParams, parent: dict[str, str] | None = None) 
     bar = create_progress_artifact(0.0, key="training-progress", description="epochs done (%)")
 
     def on_event(event: dict[str, Any]) -> None:
+        run = (f"initialisation {event['initialisation'] + 1}/{event['initialisations']}, "
+               if "initialisations" in event else "")
         if event["kind"] == "epoch":
-            logger.info("epoch %d/%d: loss %.4f, accuracy %.3f, %d images, %.1f s", event["epoch"], event["epochs"],
-                        event["loss"], event["accuracy"], event["images"], event["seconds"])
-            update_progress_artifact(bar, 100.0 * event["epoch"] / event["epochs"])
+            logger.info("%sepoch %d/%d: loss %.4f, accuracy %.3f, %d images, %.1f s", run, event["epoch"],
+                        event["epochs"], event["loss"], event["accuracy"], event["images"], event["seconds"])
+            update_progress_artifact(bar, 100.0 * epochs_done(event))
         elif event["kind"] == "relabel":
-            logger.info("relabel before epoch %d (%s): head 0 %s", event["epoch"], event["source"], event["heads"][0])
+            logger.info("%srelabel before epoch %d (%s): head 0 %s", run, event["epoch"], event["source"],
+                        event["heads"][0])
         else:
-            logger.info("%s", event)
+            logger.info("%s%s", run, event)
 
     events = launch_training(root, params, on_event, parent=parent)
+    chosen = next((event for event in events if event["kind"] == "chosen"), None)
+    if chosen is not None:  # the run kept: its events alone describe the checkpoint
+        events = [event for event in events if event.get("initialisation", chosen["chosen"]) == chosen["chosen"]]
     epochs = [event for event in events if event["kind"] == "epoch"]
     relabels = [event for event in events if event["kind"] == "relabel"]
     start = events[0]
     return {"epochs": epochs[-1]["epoch"] if epochs else start.get("resumed_at_epoch"),
             "loss": epochs[-1]["loss"] if epochs else None, "relabels_this_run": len(relabels),
             "resumed_at_epoch": start["resumed_at_epoch"], "start": start["reason"],
-            "parent_version": start["parent_version"],
-            "world_size": start["world_size"], "relabel_heads_0": [{"epoch": e["epoch"], **e["heads"][0]}
-                                                                     for e in relabels]}
+            "parent_version": start["parent_version"], "world_size": start["world_size"],
+            "initialisations": None if chosen is None else {key: chosen[key] for key in ("seeds", "objectives",
+                                                                                          "chosen")},
+            "relabel_heads_0": [{"epoch": e["epoch"], **e["heads"][0]} for e in relabels]}
+
+
+def epochs_done(event: dict[str, Any]) -> float:
+    """The share of the training an epoch event completes, over every initialisation when there are several."""
+    runs, done = event.get("initialisations", 1), event.get("initialisation", 0)
+    return (done * event["epochs"] + event["epoch"]) / (runs * event["epochs"])

@@ -48,6 +48,9 @@ def label_card(params: Params, final: FinalLabels, metrics: dict[str, Any], hist
             "final_loss": epochs[-1]["loss"] if epochs else None,
             # The version whose network and labels the training started from (train.start_from: parent), else None.
             "started_from": parent_of(history),
+            # initialisations above 1: each run's seed and objective, and which one this label set is.
+            "initialisations": next(({key: value for key, value in entry.items() if key != "kind"}
+                                     for entry in history if entry["kind"] == "initialisations"), None),
         },
         "sinkhorn": final.diagnostics,
         # With the checkpoint, labels new images as this set labels its own (sela.labels.export.predict_labels).

@@ -7,14 +7,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as functional
 
 from sela.config import Params
 from sela.data.loader import shard_table
 from sela.data.shards import read_manifest
 from sela.labels.align import alignment
 from sela.labels.metrics import cluster_sizes, label_quality
-from sela.learn.inference import compute_logits, rule_labels, solve_heads, stream_logits
+from sela.learn.inference import compute_logits, label_log_probabilities, rule_labels, solve_heads, stream_logits
 from sela.learn.models import MultiHeadNet
 
 
@@ -67,10 +66,7 @@ def final_labels_from_logits(logits: list[torch.Tensor], params: Params, target_
     # Confidence is the network's own probability of the exported label, not the sharpened plan's row maximum
     # (exactly 1.0 for most images once trained): it ranks images, and low values mark the images that balancing
     # moved away from the network's favourite. Its mean log is minus the head's objective.
-    log_confidence = torch.stack([
-        functional.log_softmax(head_logits.cpu().float(), dim=1).gather(1, torch.from_numpy(head_labels)[:, None])[:, 0]
-        for head_logits, head_labels in zip(logits, labels, strict=True)
-    ])
+    log_confidence = label_log_probabilities(logits, labels)
     objective = (-log_confidence.mean(dim=1)).tolist()
     choice = params.export.label_head
     selected = int(np.argmin(objective)) if choice == "lowest_loss" else choice

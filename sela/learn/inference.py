@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as functional
 
 from sela.config import SinkhornParams, TrainParams
 from sela.data.loader import Batch, ShardTable, pass_loader, plan_pass
@@ -44,6 +45,35 @@ def rule_labels(heads: list[Any], cluster_potentials: list[np.ndarray] | np.ndar
                                    np.ascontiguousarray(head, dtype=np.float32),
                                    settings.sharpness, potential, settings.dtype)
                      for head, potential in zip(heads, cluster_potentials, strict=True)]).reshape(len(heads), -1)
+
+
+def label_log_probabilities(logits: list[torch.Tensor], labels: np.ndarray) -> torch.Tensor:
+    """log p_h(y_h | x) of each head's labels: ``logits`` one (n, K_h) tensor per head, ``labels`` (H, n) int ->
+    (H, n) float32 on the CPU. Minus its mean over the images is a head's SeLa objective."""
+    return torch.stack([
+        functional.log_softmax(head.detach().cpu().float(), dim=1)
+        .gather(1, torch.from_numpy(np.asarray(head_labels, dtype=np.int64))[:, None])[:, 0]
+        for head, head_labels in zip(logits, labels, strict=True)
+    ])
+
+
+def label_set_objectives(model: MultiHeadNet, table: ShardTable, params: TrainParams, device: torch.device,
+                         workers: int, target_sizes: list[np.ndarray], rank: int = 0, world_size: int = 1,
+                         communicator: Communicator | None = None) -> list[float]:
+    """Each label-set head's SeLa objective as the export measures it (``sela.labels.export.final_labels``): minus
+    the mean log probability of the head's labels, balanced to ``target_sizes`` on the un-augmented images ->
+    ``num_heads`` floats. This rank's share of one pass; with a ``communicator`` the solves are row-sharded and the
+    sums reduced over ranks, so every rank returns the same values."""
+    _, logits = stream_logits(model, table, params, device, workers, augmented=False, seed=0, rank=rank,
+                              world_size=world_size)
+    columns = np.cumsum([0, *params.head_sizes])
+    heads = [torch.from_numpy(np.ascontiguousarray(logits[:, columns[h]:columns[h + 1]])).to(device)
+             for h in range(params.num_heads)]
+    results = solve_heads(heads, params, [None] * len(heads), communicator, list(target_sizes)[: len(heads)],
+                          params.sinkhorn.relaxation())
+    sums = label_log_probabilities(heads, np.stack([result.labels for result in results])).double().sum(dim=1)
+    sums = sums.numpy() if communicator is None else communicator.all_reduce_sum(sums.numpy())
+    return (-sums / table.num_images).tolist()
 
 
 @torch.no_grad()

@@ -15,9 +15,11 @@ and this rank's share of the relabel logits (N / world_size x sum of head sizes 
 """
 
 import math
+import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,7 @@ from sela.data.shards import manifest_hash, read_manifest
 from sela.learn import incremental, state
 from sela.learn.inference import (
     autocast,
+    label_set_objectives,
     logit_batches,
     on_device_view,
     rule_labels,
@@ -58,6 +61,8 @@ Progress = Callable[[dict[str, Any]], None]
 # through a buffer of 2,048 encoded images (a few MB of JPEGs): shards of one class each still give mixed batches.
 INTERLEAVED_SHARDS = 16
 SHUFFLE_BUFFER = 2048
+# Initialisation i trains from seed + SEED_STRIDE i: far apart, so that runs of nearby seeds share no initialisation.
+SEED_STRIDE = 10_000
 
 
 @dataclass(frozen=True)
@@ -88,11 +93,61 @@ class TrainingRun:
     plan_epochs: Callable[[int, list[float]], int] | None = None
     # ``train.start_from: parent``: the parent version's files, fetched (a run from scratch ignores it).
     parent: incremental.ParentVersion | None = None
+    # A finished checkpoint of this run is returned as it is, not trained again (an initialisation of several).
+    resume_finished: bool = False
 
 
 def run_training(run: TrainingRun, params: TrainParams) -> Checkpoint:
     """Train (or resume) to ``params.epochs`` (``incremental.epochs`` from a parent); returns the final checkpoint
-    (its labels: every head's, all N)."""
+    (its labels: every head's, all N). From scratch with ``initialisations`` above 1: the best of that many runs
+    (``best_initialisation``)."""
+    if params.initialisations > 1 and params.start_from == "scratch":
+        return best_initialisation(run, params)
+    return train_once(run, params)
+
+
+def best_initialisation(run: TrainingRun, params: TrainParams) -> Checkpoint:
+    """``params.initialisations`` runs from scratch, run i from seed + ``SEED_STRIDE`` i in its own folder under the
+    state folder (each resumes on its own: a crash costs at most the epoch under way); the one whose label set has
+    the lowest SeLa objective, measured as the export measures it, is written to ``run.checkpoint_path`` with an
+    ``initialisations`` history entry, and the runs' folders are removed. k-means' n_init: on a collection of a few
+    thousand images a run can land where two classes share a cluster, and its objective says so."""
+    processes = Processes.current()
+    table = shard_table(run.shard_dir)
+    communicator = TorchDistributed() if processes.world_size > 1 else None
+    folders = [run.state_dir / f"initialisation-{index}" for index in range(params.initialisations)]
+    best, objectives, seeds = None, [], []
+    for index, folder in enumerate(folders):
+        single = params.model_copy(update={"seed": params.seed + SEED_STRIDE * index, "initialisations": 1})
+        progress = None if run.progress is None else partial(_tagged, run.progress, index, params.initialisations)
+        checkpoint = train_once(replace(run, checkpoint_path=folder / "checkpoint.pt", state_dir=folder,
+                                        progress=progress, resume_finished=True), single)
+        heads = label_set_objectives(checkpoint.model, table, params, run.device, run.loader_workers,
+                                     checkpoint.target_sizes, processes.rank, processes.world_size, communicator)
+        objectives.append(min(heads))
+        seeds.append(single.seed)
+        _emit(run, processes, {"kind": "initialisation", "initialisation": index, "seed": single.seed,
+                               "objective": objectives[-1], "epochs": checkpoint.epoch})
+        if not objectives[:-1] or objectives[-1] < min(objectives[:-1]):  # a tie keeps the earlier run
+            best = checkpoint
+    chosen = int(np.argmin(objectives))
+    entry = {"kind": "initialisations", "seeds": seeds, "objectives": objectives, "chosen": chosen}
+    best.history.append(entry)
+    if processes.rank == 0:
+        save_checkpoint(best, run.checkpoint_path, state.fingerprint(params, manifest_hash(run.shard_dir)))
+    _barrier(processes)  # the chosen checkpoint is in place before any run's folder goes
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
+    _emit(run, processes, {**entry, "kind": "chosen"})
+    return best
+
+
+def _tagged(progress: Progress, index: int, count: int, event: dict[str, Any]) -> None:
+    progress({**event, "initialisation": index, "initialisations": count})
+
+
+def train_once(run: TrainingRun, params: TrainParams) -> Checkpoint:
+    """One run from ``params.seed`` (or from the parent), resuming where its checkpoint says; see ``run_training``."""
     processes = Processes.current()
     table = shard_table(run.shard_dir)
     if params.start_from == "parent" and run.parent is None:
@@ -143,7 +198,7 @@ def _start(run: TrainingRun, params: TrainParams, table: ShardTable, identity: s
         payload = load_payload(run.checkpoint_path)
         if payload.get("fingerprint") != identity:
             decision[1] = "the checkpoint was made with other train params or other shards"
-        elif payload["epoch"] >= params.epochs:
+        elif payload["epoch"] >= params.epochs and not run.resume_finished:
             decision[1] = f"the checkpoint is of a finished run ({payload['epoch']} epochs)"
         else:
             decision = [payload, f"resuming after epoch {payload['epoch']}"]

@@ -39,7 +39,7 @@ def test_missing_key_is_named():
      ("train.sinkhorn.cluster_sizes", "uniform"), ("train.sinkhorn.size_floor", 0.0),
      ("train.sinkhorn.size_floor", 1.0), ("train.sinkhorn.size_update", 0.0), ("train.sinkhorn.size_update", 1.5),
      ("train.sinkhorn.size_warmup", 1.0), ("train.sinkhorn.size_warmup", -0.1),
-     ("train.sinkhorn.size_penalty", 0.0)],
+     ("train.sinkhorn.size_penalty", 0.0), ("train.initialisations", 0), ("train.initialisations", 17)],
 )
 def test_bad_override_is_named(key, value):
     with pytest.raises(ParamsError, match=key.replace(".", r"\.")):

@@ -13,7 +13,9 @@ import torch
 from sela.config import load_params
 from sela.data.shards import write_shards
 from sela.data.sources import iter_digit_samples
+from sela.labels.export import export_label_set
 from sela.learn.state import TrainingLockedError
+from sela.learn.train import load_checkpoint
 from sela.paths import CHECKPOINT, SHARD_DIR, TRAIN_STATE
 from tasks.train import TrainingFailedError, launch_training
 from tests.conftest import PROJECT_ROOT
@@ -37,8 +39,8 @@ def project(tmp_path: Path, shards: Path, name: str) -> Path:
 
 def tiny(epochs: int = 3):
     return load_params(PROJECT_ROOT / "params.yaml", {
-        "train.width": 8, "train.num_heads": 2, "train.epochs": epochs, "train.num_relabels": epochs,
-        "train.batch_size": 64}).train
+        "train.initialisations": 1, "train.width": 8, "train.num_heads": 2, "train.epochs": epochs,
+        "train.num_relabels": epochs, "train.batch_size": 64}).train
 
 
 def final_labels(root: Path) -> np.ndarray:
@@ -103,3 +105,28 @@ def test_a_second_run_in_the_same_checkout_is_refused(tmp_path, digits_shards, m
         launch_training(str(root), tiny(epochs=2), lambda event: None)
     thread.join()
     assert outcome["events"][-1]["kind"] == "done"  # the first run was not disturbed
+
+
+def test_two_ranks_resume_each_initialisation_and_keep_the_objective_the_export_measures(
+        tmp_path, digits_shards, two_processes):
+    overrides = {"train.initialisations": 2, "train.width": 8, "train.num_heads": 2, "train.epochs": 2,
+                 "train.num_relabels": 2}
+    params = load_params(PROJECT_ROOT / "params.yaml", overrides)
+    root = project(tmp_path, digits_shards, "initialisations")
+
+    def kill_rank_one(event):
+        if event["kind"] == "epoch" and event["initialisation"] == 1 and event["epoch"] == 1:
+            os.kill(int((root / TRAIN_STATE / "rank-1.pid").read_text()), signal.SIGKILL)
+
+    with pytest.raises(TrainingFailedError):
+        launch_training(str(root), params.train, kill_rank_one)
+    events = launch_training(str(root), params.train, lambda event: None)
+    assert [event["resumed_at_epoch"] for event in events if event["kind"] == "start"] == [2, 1]
+    chosen = next(event for event in events if event["kind"] == "chosen")
+    # Row-sharded over two ranks, the objective is the one the export measures in one process.
+    checkpoint = load_checkpoint(root / CHECKPOINT, params.train, torch.device("cpu"))
+    exported = export_label_set(checkpoint.model, root / SHARD_DIR, params, torch.device("cpu"), 0, None, None,
+                                checkpoint.target_sizes)
+    assert min(exported.final.objective) == pytest.approx(min(chosen["objectives"]), rel=1e-3)
+    assert checkpoint.history[-1]["chosen"] == chosen["chosen"] == int(np.argmin(chosen["objectives"]))
+    assert not list((root / TRAIN_STATE).glob("initialisation-*"))

@@ -11,7 +11,7 @@ from sela.data.shards import write_shards
 from sela.data.sources import iter_digit_samples
 from sela.paths import SHARD_DIR
 from tasks.images import load_shards
-from tasks.train import NoParentVersionError, _unless_no_parent, fetch_parent_version
+from tasks.train import NoParentVersionError, _unless_no_parent, epochs_done, fetch_parent_version
 from tests.conftest import make_project
 
 
@@ -32,3 +32,9 @@ def test_a_run_from_a_parent_in_a_repository_with_no_version_fails_clearly_and_i
     # Nothing published is no passing I/O error: the task's retries are for git and the DVC remote.
     assert not _unless_no_parent(None, None, Failed(data=NoParentVersionError("none")))
     assert _unless_no_parent(None, None, Failed(data=OSError("remote unreachable")))
+
+
+def test_the_progress_bar_counts_the_epochs_of_every_initialisation():
+    assert epochs_done({"epoch": 3, "epochs": 10}) == 0.3
+    assert epochs_done({"epoch": 5, "epochs": 10, "initialisation": 1, "initialisations": 2}) == 0.75
+    assert epochs_done({"epoch": 10, "epochs": 10, "initialisation": 2, "initialisations": 3}) == 1.0

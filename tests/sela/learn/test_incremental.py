@@ -15,7 +15,7 @@ from sela.learn.loop import TrainingRun, run_training
 from tests.conftest import PROJECT_ROOT
 
 CPU = torch.device("cpu")
-TINY = {"train.width": 8, "train.num_heads": 2, "train.epochs": 2, "train.num_relabels": 2,
+TINY = {"train.initialisations": 1, "train.width": 8, "train.num_heads": 2, "train.epochs": 2, "train.num_relabels": 2,
         "train.precision": "float32"}
 
 

@@ -25,8 +25,8 @@ def shards(tmp_path_factory) -> Path:
 
 
 def small_params(**changes):
-    overrides = {"train.width": 8, "train.image_size": 16, "train.num_heads": 2, "train.epochs": 2,
-                 "train.num_relabels": 2, "train.batch_size": 64, **changes}
+    overrides = {"train.initialisations": 1, "train.width": 8, "train.image_size": 16, "train.num_heads": 2,
+                 "train.epochs": 2, "train.num_relabels": 2, "train.batch_size": 64, **changes}
     return load_params(PROJECT_ROOT / "params.yaml", overrides)
 
 
@@ -219,3 +219,42 @@ def test_gpu_epochs_relabel_through_cupy_and_the_checkpoint_loads_on_the_cpu(sha
         assert head["converged"] and head["column_marginal_error"] < 1e-2
     loaded = train.load_checkpoint(tmp_path / "checkpoint.pt", params, torch.device("cpu"))
     assert np.array_equal(loaded.labels, checkpoint.labels)
+
+
+@pytest.mark.slow
+def test_several_initialisations_keep_the_lowest_objective_resume_each_and_leave_one_checkpoint(shards, tmp_path):
+    settings = {"train.initialisations": 2}
+    checkpoint, events = run(shards, tmp_path / "whole", **settings)
+    scored = [event for event in events if event["kind"] == "initialisation"]
+    chosen = next(event for event in events if event["kind"] == "chosen")
+    assert [event["seed"] for event in scored] == chosen["seeds"] == [0, loop.SEED_STRIDE]
+    objectives = [event["objective"] for event in scored]
+    assert objectives[0] != objectives[1] and chosen["chosen"] == int(np.argmin(objectives))
+    assert {event["initialisation"] for event in events if event["kind"] == "epoch"} == {0, 1}
+    # The kept run is the run of its seed alone, and its objective is the one the export measures.
+    alone, _ = run(shards, tmp_path / "alone", **{"train.seed": chosen["seeds"][chosen["chosen"]]})
+    np.testing.assert_array_equal(checkpoint.labels, alone.labels)
+    params = small_params(**settings)
+    exported = export.export_label_set(checkpoint.model, shards, params, torch.device("cpu"), 0, None, None,
+                                       checkpoint.target_sizes)
+    assert min(exported.final.objective) == pytest.approx(min(objectives), rel=1e-5)
+    saved = train.load_checkpoint(tmp_path / "whole" / "checkpoint.pt", params.train, torch.device("cpu"))
+    np.testing.assert_array_equal(saved.labels, checkpoint.labels)
+    assert saved.history[-1] == {"kind": "initialisations", **{key: chosen[key] for key in ("seeds", "objectives",
+                                                                                            "chosen")}}
+    assert not list((tmp_path / "whole" / "state").glob("initialisation-*"))
+
+    # A crash in the second run: the rerun keeps the finished first run and resumes the second after its epoch.
+    def crash(event):
+        if event["kind"] == "epoch" and event["initialisation"] == 1 and event["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    setup = TrainingRun(str(shards), tmp_path / "crashed" / "checkpoint.pt", tmp_path / "crashed" / "state",
+                        torch.device("cpu"), 0, crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(setup, params.train)
+    resumed, again = run(shards, tmp_path / "crashed", **settings)
+    starts = [event for event in again if event["kind"] == "start"]
+    assert [start["resumed_at_epoch"] for start in starts] == [2, 1]
+    assert [event["initialisation"] for event in again if event["kind"] == "epoch"] == [1]
+    np.testing.assert_array_equal(resumed.labels, checkpoint.labels)
