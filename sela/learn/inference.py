@@ -57,13 +57,13 @@ def label_log_probabilities(logits: list[torch.Tensor], labels: np.ndarray) -> t
     ])
 
 
-def label_set_objectives(model: MultiHeadNet, table: ShardTable, params: TrainParams, device: torch.device,
-                         workers: int, target_sizes: list[np.ndarray], rank: int = 0, world_size: int = 1,
-                         communicator: Communicator | None = None) -> list[float]:
-    """Each label-set head's SeLa objective as the export measures it (``sela.labels.export.final_labels``): minus
-    the mean log probability of the head's labels, balanced to ``target_sizes`` on the un-augmented images ->
-    ``num_heads`` floats. This rank's share of one pass; with a ``communicator`` the solves are row-sharded and the
-    sums reduced over ranks, so every rank returns the same values."""
+def label_set_log_likelihoods(model: MultiHeadNet, table: ShardTable, params: TrainParams, device: torch.device,
+                              workers: int, target_sizes: list[np.ndarray], rank: int = 0, world_size: int = 1,
+                              communicator: Communicator | None = None) -> torch.Tensor:
+    """Sum over this rank's share of the un-augmented images of log p(label) for each label-set head, its labels
+    balanced to ``target_sizes`` as the export balances them -> (num_heads,) float64 on the CPU. Summed over ranks
+    and divided by N, minus it is the SeLa objective the export ranks heads by (``sela.labels.export.final_labels``).
+    With a ``communicator`` each head's solve is row-sharded over the ranks, as a relabel's is."""
     _, logits = stream_logits(model, table, params, device, workers, augmented=False, seed=0, rank=rank,
                               world_size=world_size)
     columns = np.cumsum([0, *params.head_sizes])
@@ -71,9 +71,7 @@ def label_set_objectives(model: MultiHeadNet, table: ShardTable, params: TrainPa
              for h in range(params.num_heads)]
     results = solve_heads(heads, params, [None] * len(heads), communicator, list(target_sizes)[: len(heads)],
                           params.sinkhorn.relaxation())
-    sums = label_log_probabilities(heads, np.stack([result.labels for result in results])).double().sum(dim=1)
-    sums = sums.numpy() if communicator is None else communicator.all_reduce_sum(sums.numpy())
-    return (-sums / table.num_images).tolist()
+    return label_log_probabilities(heads, np.stack([result.labels for result in results])).double().sum(dim=1)
 
 
 @torch.no_grad()

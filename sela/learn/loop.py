@@ -33,7 +33,7 @@ from sela.data.shards import manifest_hash, read_manifest
 from sela.learn import incremental, state
 from sela.learn.inference import (
     autocast,
-    label_set_objectives,
+    label_set_log_likelihoods,
     logit_batches,
     on_device_view,
     rule_labels,
@@ -122,9 +122,9 @@ def best_initialisation(run: TrainingRun, params: TrainParams) -> Checkpoint:
         progress = None if run.progress is None else partial(_tagged, run.progress, index, params.initialisations)
         checkpoint = train_once(replace(run, checkpoint_path=folder / "checkpoint.pt", state_dir=folder,
                                         progress=progress, resume_finished=True), single)
-        heads = label_set_objectives(checkpoint.model, table, params, run.device, run.loader_workers,
-                                     checkpoint.target_sizes, processes.rank, processes.world_size, communicator)
-        objectives.append(min(heads))
+        sums = label_set_log_likelihoods(checkpoint.model, table, params, run.device, run.loader_workers,
+                                         checkpoint.target_sizes, processes.rank, processes.world_size, communicator)
+        objectives.append(float((-_all_reduce(sums, processes) / table.num_images).min()))
         seeds.append(single.seed)
         _emit(run, processes, {"kind": "initialisation", "initialisation": index, "seed": single.seed,
                                "objective": objectives[-1], "epochs": checkpoint.epoch})
@@ -136,7 +136,7 @@ def best_initialisation(run: TrainingRun, params: TrainParams) -> Checkpoint:
     if processes.rank == 0:
         save_checkpoint(best, run.checkpoint_path, state.fingerprint(params, manifest_hash(run.shard_dir)))
     _barrier(processes)  # the chosen checkpoint is in place before any run's folder goes
-    for folder in folders:
+    for folder in run.state_dir.glob("initialisation-*"):  # with those of an earlier, larger count
         shutil.rmtree(folder, ignore_errors=True)
     _emit(run, processes, {**entry, "kind": "chosen"})
     return best

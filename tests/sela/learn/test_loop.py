@@ -1,5 +1,6 @@
 """sela.learn.loop: the streamed self-labelling loop in one process (the multi-process runs: tests/tasks)."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -210,8 +211,9 @@ def test_gpu_epochs_relabel_through_cupy_and_the_checkpoint_loads_on_the_cpu(sha
     events: list = []
     setup = TrainingRun(str(shards), tmp_path / "checkpoint.pt", tmp_path / "state", torch.device("cuda"), 2,
                         events.append)
-    params = small_params(**{"train.overclustering.num_heads": 1, "train.overclustering.num_clusters": 40,
-                             "train.relabel_from": "last_epoch", "train.epochs": 3, "train.num_relabels": 3}).train
+    full = small_params(**{"train.overclustering.num_heads": 1, "train.overclustering.num_clusters": 40,
+                           "train.relabel_from": "last_epoch", "train.epochs": 3, "train.num_relabels": 3})
+    params = full.train
     checkpoint = run_training(setup, params)
     relabels = [event for event in events if event["kind"] == "relabel"]
     assert relabels[-1]["source"] == "last_epoch"
@@ -219,6 +221,13 @@ def test_gpu_epochs_relabel_through_cupy_and_the_checkpoint_loads_on_the_cpu(sha
         assert head["converged"] and head["column_marginal_error"] < 1e-2
     loaded = train.load_checkpoint(tmp_path / "checkpoint.pt", params, torch.device("cpu"))
     assert np.array_equal(loaded.labels, checkpoint.labels)
+    # Two initialisations on the GPU: each run's objective from the CuPy solves is the export's on the CPU (within
+    # what bfloat16 forward passes on two kinds of device leave).
+    chosen = run_training(replace(setup, checkpoint_path=tmp_path / "two.pt"),
+                          params.model_copy(update={"initialisations": 2}))
+    exported = export.export_label_set(chosen.model.cpu(), shards, full, torch.device("cpu"), 0, None, None,
+                                       chosen.target_sizes)
+    assert min(exported.final.objective) == pytest.approx(min(chosen.history[-1]["objectives"]), rel=2e-2)
 
 
 @pytest.mark.slow
