@@ -115,9 +115,9 @@ def best_initialisation(run: TrainingRun, params: TrainParams) -> Checkpoint:
     processes = Processes.current()
     table = shard_table(run.shard_dir)
     communicator = TorchDistributed() if processes.world_size > 1 else None
-    folders = [run.state_dir / f"initialisation-{index}" for index in range(params.initialisations)]
-    best, objectives, seeds = None, [], []
-    for index, folder in enumerate(folders):
+    best, chosen, objectives, seeds = None, 0, [], []
+    for index in range(params.initialisations):
+        folder = run.state_dir / f"initialisation-{index}"
         single = params.model_copy(update={"seed": params.seed + SEED_STRIDE * index, "initialisations": 1})
         progress = None if run.progress is None else partial(_tagged, run.progress, index, params.initialisations)
         checkpoint = train_once(replace(run, checkpoint_path=folder / "checkpoint.pt", state_dir=folder,
@@ -128,9 +128,8 @@ def best_initialisation(run: TrainingRun, params: TrainParams) -> Checkpoint:
         seeds.append(single.seed)
         _emit(run, processes, {"kind": "initialisation", "initialisation": index, "seed": single.seed,
                                "objective": objectives[-1], "epochs": checkpoint.epoch})
-        if not objectives[:-1] or objectives[-1] < min(objectives[:-1]):  # a tie keeps the earlier run
-            best = checkpoint
-    chosen = int(np.argmin(objectives))
+        if best is None or objectives[-1] < objectives[chosen]:  # a tie keeps the earlier run
+            best, chosen = checkpoint, index
     entry = {"kind": "initialisations", "seeds": seeds, "objectives": objectives, "chosen": chosen}
     best.history.append(entry)
     if processes.rank == 0:
